@@ -1,0 +1,157 @@
+"""Image references: parsing every form operators write, Docker's normalisation, placeholders.
+
+Accepted forms (see README): DUCC's URL form ``https://host/repo:tag``, ``http://`` when written so,
+``host[:port]/repo[:tag][@digest]`` and Docker's short names (``fedora``, ``library/fedora:39``).
+The registry host stays as written (it names the public path); only the API host is mapped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .errors import BadReference
+
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry.hub.docker.com",
+                              "registry-1.docker.io"})
+DOCKER_HUB_API = "registry-1.docker.io"
+GLOB_CHARS = frozenset("*?[")
+PLACEHOLDERS = ("scheme", "registry", "repository", "tag", "digest", "reference", "image")
+
+_HOST = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+                   r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$")
+_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_GLOB_TAG = re.compile(r"^[a-zA-Z0-9_.*?\[\]!-]{1,128}$")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+_PLACEHOLDER = re.compile(r"\$\(([^)]*)\)")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image as an operator wrote it, normalised the way Docker does."""
+
+    scheme: str
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def api_host(self) -> str:
+        """The host that serves ``/v2/``: Docker Hub's aliases all map to registry-1.docker.io."""
+        return DOCKER_HUB_API if self.registry in DOCKER_HUB_HOSTS else self.registry
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.api_host}"
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.tag is not None and any(c in GLOB_CHARS for c in self.tag)
+
+    @property
+    def reference(self) -> str:
+        """``:tag``, ``@digest`` or ``:tag@digest``, as DUCC's ``$(reference)``."""
+        out = f":{self.tag}" if self.tag else ""
+        return out + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def image(self) -> str:
+        return self.repository + self.reference
+
+    @property
+    def name(self) -> str:
+        """``registry/repository:tag``: the canonical text of this reference."""
+        return f"{self.registry}/{self.image}"
+
+    @property
+    def url(self) -> str:
+        """DUCC's URL form, the ``origin`` a thin image records."""
+        return f"{self.scheme}://{self.name}"
+
+    def with_tag(self, tag: str) -> ImageRef:
+        return replace(self, tag=tag)
+
+    def placeholders(self) -> dict[str, str]:
+        return {"scheme": self.scheme, "registry": self.registry,
+                "repository": self.repository, "tag": self.tag or "",
+                "digest": self.digest or "", "reference": self.reference, "image": self.image}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse(text: str) -> ImageRef:
+    """Parse one image reference; raise BadReference with the reason when it is not valid."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadReference("empty image reference")
+    s = text.strip()
+    m = _SCHEME.match(s)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme not in ("http", "https"):
+            raise BadReference(f"{text!r}: scheme must be https:// or http://, not {scheme}://")
+        host, _, path = m.group(2).partition("/")
+        if not host:
+            raise BadReference(f"{text!r}: no registry host after {scheme}://")
+    else:
+        scheme = "https"
+        first, sep, rest = s.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            host, path = first, rest
+        else:
+            host, path = "docker.io", s
+    if not _HOST.match(host):
+        raise BadReference(f"{text!r}: invalid registry host {host!r}")
+
+    path, at, digest = path.partition("@")
+    if at and not digest:
+        raise BadReference(f"{text!r}: empty digest after '@'")
+    if "@" in digest:
+        raise BadReference(f"{text!r}: more than one '@'")
+    slash = path.rfind("/")
+    colon = path.find(":", slash + 1)
+    repository, tag = (path[:colon], path[colon + 1:]) if colon >= 0 else (path, None)
+    repository = repository.strip("/")
+    if not repository:
+        raise BadReference(f"{text!r}: no repository name")
+    for component in repository.split("/"):
+        if not _COMPONENT.match(component):
+            hint = " (repository names are lowercase)" if component.lower() != component else ""
+            raise BadReference(f"{text!r}: invalid repository component {component!r}{hint}")
+    if len(host) + 1 + len(repository) > 255:
+        raise BadReference(f"{text!r}: name longer than 255 characters")
+    if tag is not None:
+        if not tag:
+            raise BadReference(f"{text!r}: empty tag after ':'")
+        glob = any(c in GLOB_CHARS for c in tag)
+        if not (_GLOB_TAG if glob else _TAG).match(tag):
+            raise BadReference(f"{text!r}: invalid tag {tag!r}")
+    if digest:
+        if not _DIGEST.match(digest):
+            raise BadReference(f"{text!r}: invalid digest {digest!r}")
+        algorithm, _, encoded = digest.partition(":")
+        if algorithm == "sha256" and not re.fullmatch(r"[a-f0-9]{64}", encoded):
+            raise BadReference(f"{text!r}: a sha256 digest is 64 lowercase hex digits")
+        if algorithm not in ("sha256", "sha512"):
+            raise BadReference(f"{text!r}: unsupported digest algorithm {algorithm!r}")
+        if tag is not None and any(c in GLOB_CHARS for c in tag):
+            raise BadReference(f"{text!r}: a wildcard tag cannot be pinned to a digest")
+    if host in DOCKER_HUB_HOSTS and "/" not in repository:
+        repository = "library/" + repository
+    if tag is None and not digest:
+        tag = "latest"
+    return ImageRef(scheme, host, repository, tag, digest or None)
+
+
+def placeholders_in(template: str) -> list[str]:
+    """The ``$(...)`` names used in a template, in order."""
+    return _PLACEHOLDER.findall(template)
+
+
+def format_template(template: str, ref: ImageRef) -> str:
+    """Expand ``$(name)`` placeholders (names checked at recipe load)."""
+    values = ref.placeholders()
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

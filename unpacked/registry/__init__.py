@@ -1,0 +1,1 @@
+"""Talking to OCI / Docker registries: auth, retries, manifests, blobs, tags, pushes."""
