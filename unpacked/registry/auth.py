@@ -208,9 +208,10 @@ class RegistryAuth(AuthBase):
         with self._lock:
             self._known[host] = chosen
         scope = chosen[1].get("scope") or self.scope_for(request)
-        if chosen[1].get("error") in ("invalid_token", "insufficient_scope"):
+        rejected = "Authorization" in request.headers    # what we sent was refused: refetch
+        if rejected or chosen[1].get("error") in ("invalid_token", "insufficient_scope"):
             self.tokens.drop(self._token_key(host, chosen, scope))
-        header = self._header(host, chosen, scope, fetch=True, force=True)
+        header = self._header(host, chosen, scope, fetch=True, force=rejected)
         if header is None:
             return response
         response.content  # noqa: B018 - drain so the connection returns to the pool

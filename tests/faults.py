@@ -1,0 +1,155 @@
+"""A small fault-injecting HTTP proxy in front of the real registry, counting every request.
+
+Faults are queued per path pattern and used up in order: ``reset`` (connection dropped after
+N bytes of the body), ``status`` (an error answer, optionally with headers), ``flip`` (one
+byte of the body changed), ``truncate`` (the body cut short with a matching Content-Length),
+``body`` (a canned answer).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te"}
+
+
+@dataclass
+class Fault:
+    pattern: str
+    kind: str
+    times: int = 1
+    status: int = 500
+    headers: dict = field(default_factory=dict)
+    at: int = 0
+    method: str = "GET"
+    data: bytes = b""
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.faults: list[Fault] = []
+        self.paginate = False
+        self.log: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy.handle(self)
+
+            do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, pattern: str, kind: str, **kw) -> Fault:
+        fault = Fault(pattern, kind, **kw)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        self.paginate = False
+        with self.lock:
+            self.faults.clear()
+            self.log.clear()
+
+    def count(self, method: str, pattern: str = "") -> int:
+        with self.lock:
+            return sum(1 for m, p, _ in self.log if m == method and re.search(pattern, p))
+
+    def _take(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.times > 0 and fault.method == method and re.search(fault.pattern, path):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        fault = self._take(h.command, h.path)
+        if fault and fault.kind in ("status", "body"):
+            with self.lock:
+                self.log.append((h.command, h.path, fault.status))
+            data = fault.data or b'{"errors":[{"code":"INJECTED","message":"injected fault"}]}'
+            h.send_response(fault.status)
+            for k, v in fault.headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(data)
+            return
+        conn = http.client.HTTPConnection(self.upstream, timeout=60)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP}
+        headers["Host"] = self.upstream
+        conn.request(h.command, h.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        with self.lock:
+            self.log.append((h.command, h.path, resp.status))
+        keep_length = h.command == "HEAD"
+        out_headers = [(k, v) for k, v in resp.getheaders()
+                       if k.lower() not in HOP and (keep_length or k.lower() != "content-length")]
+        if self.paginate and "/tags/list" in h.path and resp.status == 200:
+            data, link = self._page(h.path, data)
+            out_headers = [(k, v) for k, v in out_headers if k.lower() != "link"]
+            if link:
+                out_headers.append(("Link", link))
+        if fault and fault.kind == "flip" and data:
+            at = min(fault.at, len(data) - 1)
+            data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+        if fault and fault.kind == "truncate":
+            data = data[:fault.at]
+        h.send_response(resp.status)
+        for k, v in out_headers:
+            if k.lower() == "location":
+                v = v.replace(self.upstream, self.host)
+            h.send_header(k, v)
+        if not keep_length:
+            h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        if fault and fault.kind == "reset":
+            h.wfile.write(data[:fault.at])
+            h.wfile.flush()
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return
+        h.wfile.write(data)
+
+    @staticmethod
+    def _page(path: str, data: bytes) -> tuple[bytes, str | None]:
+        """Paginate a full tag list as the spec says (``n``, ``last``, a relative ``Link``)."""
+        split = urlsplit(path)
+        query = parse_qs(split.query)
+        doc = json.loads(data)
+        tags = sorted(doc.get("tags") or [])
+        last = query.get("last", [""])[0]
+        n = int(query.get("n", ["0"])[0] or 0) or len(tags)
+        rest = [t for t in tags if t > last]
+        page, more = rest[:n], rest[n:]
+        link = f'<{split.path}?n={n}&last={page[-1]}>; rel="next"' if more else None
+        return json.dumps({"name": doc.get("name"), "tags": page}).encode(), link
+
+    def stop(self) -> None:
+        self.server.shutdown()
