@@ -1,0 +1,64 @@
+"""The resolve step: wildcards, cached state, HEAD-only re-resolves, local failures."""
+
+from conftest import push_simple, unique
+
+from unpacked import recipe
+from unpacked.resolve import Resolver, expand, match_tags
+from unpacked.state import State
+
+
+def make_recipe(tmp_path, host, images):
+    lines = "\n".join(f"  - 'http://{host}/{i}'" for i in images)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"version: 1\ncvmfs_repo: test.cern.ch\ninput:\n{lines}\n")
+    return recipe.load(path)
+
+
+def test_match_tags_is_glob_not_regex():
+    tags = ["21.2.10", "21.2.100-2019", "21.2.15", "21.3.10", "2112.1", "latest", "v1", "v2"]
+    assert match_tags("21.2.1*", tags) == ["21.2.10", "21.2.100-2019", "21.2.15"]
+    assert match_tags("v?", tags) == ["v1", "v2"]
+    assert match_tags("*", tags) == sorted(tags)
+    assert match_tags("21.2.1?", tags) == ["21.2.10", "21.2.15"]
+
+
+def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client, proxy):
+    repo, other = unique("wild"), unique()
+    for tag in ("1.0", "1.1", "2.0"):
+        push_simple(registry, layout, repo, tag)
+    push_simple(registry, layout, other)
+    recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:1.*", f"{other}:v1", f"{other}:gone"])
+    state = State(tmp_path / "cache")
+    resolver = Resolver(make_client(), state, "linux/amd64", per_registry=2)
+    outcomes, problems = resolver.run(recipes)
+    assert problems == []
+    by_name = {o.wanted.name: o for o in outcomes}
+    assert sorted(by_name) == sorted([f"{proxy.host}/{repo}:1.0", f"{proxy.host}/{repo}:1.1",
+                                      f"{proxy.host}/{other}:v1", f"{proxy.host}/{other}:gone"])
+    gone = by_name[f"{proxy.host}/{other}:gone"]
+    assert gone.resolved is None and "MANIFEST_UNKNOWN" in gone.error
+    assert all(o.changed for o in outcomes if o.error is None)
+    assert state.failure(f"{proxy.host}/{other}:gone") == gone.error
+
+    # Offline expansion sees the expanded tags; a second resolve costs one HEAD per image.
+    assert len(expand(recipes, state)) == 4
+    proxy.clear()
+    outcomes, _ = Resolver(make_client(), state, "linux/amd64").run(recipes)
+    assert not any(o.changed for o in outcomes)
+    assert proxy.count("GET", "/manifests/") == 1     # only the missing tag, for its reason
+    assert proxy.count("GET", "/blobs/") == 0
+    assert proxy.count("HEAD") == 4
+    assert proxy.count("GET", "/tags/list") == 1
+
+
+def test_wildcard_listing_failure_keeps_last_expansion(tmp_path, registry, layout, make_client,
+                                                       proxy):
+    repo = unique("wild")
+    push_simple(registry, layout, repo, "1.0")
+    recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:1.*"])
+    state = State(tmp_path / "cache")
+    Resolver(make_client(), state, "linux/amd64").run(recipes)
+    proxy.add("/tags/list", "status", status=403, times=9)
+    outcomes, problems = Resolver(make_client(), state, "linux/amd64").run(recipes)
+    assert [o.wanted.ref.tag for o in outcomes] == ["1.0"]
+    assert len(problems) == 1 and "403" in problems[0] and "r.yaml:4" in problems[0]

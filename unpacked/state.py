@@ -1,0 +1,53 @@
+"""The resolved state kept in ``cache/``: what each input pointed at when last resolved.
+
+Task generation reads only this (and the recipes), so ``doit list``/``info``/``forget`` work
+offline. Values are plain JSON-able dicts so that a code upgrade never breaks the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import diskcache
+
+from .registry.client import Resolved
+
+
+class State:
+    def __init__(self, cache_dir: Path):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        folder = cache_dir / "state"
+        folder.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        self.cache = diskcache.Cache(str(folder))
+
+    def close(self) -> None:
+        self.cache.close()
+
+    @staticmethod
+    def _key(kind: str, name: str, platform: str = "") -> str:
+        return f"{kind}\x1f{name}\x1f{platform}"
+
+    def resolved(self, name: str, platform: str) -> Resolved | None:
+        got = self.cache.get(self._key("resolved", name, platform))
+        return Resolved.from_dict(got) if got else None
+
+    def put_resolved(self, resolved: Resolved) -> None:
+        self.cache.set(self._key("resolved", resolved.name, resolved.platform), resolved.to_dict())
+
+    def tags(self, name: str) -> list[str] | None:
+        return self.cache.get(self._key("tags", name))
+
+    def put_tags(self, name: str, tags: list[str]) -> None:
+        self.cache.set(self._key("tags", name), list(tags))
+
+    def failure(self, name: str) -> str | None:
+        return self.cache.get(self._key("failure", name))
+
+    def put_failure(self, name: str, reason: str | None) -> None:
+        key = self._key("failure", name)
+        if reason is None:
+            self.cache.delete(key)
+        else:
+            self.cache.set(key, reason)
