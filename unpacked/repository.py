@@ -1,0 +1,125 @@
+"""The repository layout (DESIGN.md's contract) and the atomic steps that fill it.
+
+``.layers/<hex>/layerfs`` + ``layer.json``; ``.flat/<config-hex>/``;
+``.metadata/<registry>/<repository>:<tag>/``; and the public relative symlink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+from .errors import UnpackedError
+from .fsutil import is_temp, remove_tree, replace_dir, symlink_atomic, temp_sibling
+
+
+def hex_of(digest: str) -> str:
+    return digest.partition(":")[2]
+
+
+class Repository:
+    """One repository root (``<root>/<cvmfs_repo>``) and where everything lives inside it."""
+
+    def __init__(self, root: Path, catalogs: bool = False):
+        self.root = root
+        self.catalogs = catalogs       # cvmfs: a nested catalog per layer and per flat image
+
+    def layer_dir(self, digest: str) -> Path:
+        return self.root / ".layers" / hex_of(digest)
+
+    def layerfs(self, digest: str) -> Path:
+        return self.layer_dir(digest) / "layerfs"
+
+    def flat_dir(self, config_digest: str) -> Path:
+        return self.root / ".flat" / hex_of(config_digest)
+
+    def metadata_dir(self, name: str) -> Path:
+        return self.root / ".metadata" / name
+
+    def public(self, rel: str) -> Path:
+        return self.root / rel
+
+    def has_layer(self, digest: str) -> bool:
+        d = self.layer_dir(digest)
+        return (d / "layer.json").is_file() and (d / "layerfs").is_dir()
+
+    def has_flat(self, config_digest: str) -> bool:
+        return self.flat_dir(config_digest).is_dir()
+
+    def link_target(self, rel: str) -> str | None:
+        try:
+            return os.readlink(self.public(rel))
+        except OSError:
+            return None
+
+    def relative_target(self, rel: str, config_digest: str) -> str:
+        """The symlink text from the public path to its flat image: ``../../.flat/<hex>``."""
+        depth = rel.count("/")
+        return "../" * depth + f".flat/{hex_of(config_digest)}"
+
+    def clean_temps(self) -> list[Path]:
+        """Remove half-built folders left by a killed run (they never sit at a final path)."""
+        removed = []
+        for sub in (".layers", ".flat"):
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                if is_temp(entry.name):
+                    remove_tree(Path(entry.path))
+                    removed.append(Path(entry.path))
+        meta = self.root / ".metadata"
+        if meta.is_dir():
+            for dirpath, dirnames, filenames in os.walk(meta):
+                for name in dirnames + filenames:
+                    if is_temp(name):
+                        remove_tree(Path(dirpath) / name)
+                        removed.append(Path(dirpath) / name)
+                dirnames[:] = [d for d in dirnames if not is_temp(d)]
+        return removed
+
+    def safe_parent(self, rel: str) -> Path:
+        """Make the folders above a public path; refuse a part that is not a real folder."""
+        current = self.root
+        parts = rel.split("/")[:-1]
+        for part in parts:
+            current = current / part
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current, 0o755)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnpackedError(f"public path {rel}: {current} is not a folder")
+        return current
+
+    def write_metadata(self, name: str, manifest: bytes, config: bytes, summary: dict) -> Path:
+        """``.metadata/<name>/``: the exact manifest and config bytes and a summary, whole."""
+        final = self.metadata_dir(name)
+        self.safe_parent(str(final.relative_to(self.root)))
+        temp = temp_sibling(final)
+        try:
+            (temp / "manifest.json").write_bytes(manifest)
+            (temp / "config.json").write_bytes(config)
+            summary = dict(summary, written_at=time.time())
+            (temp / "image.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+            replace_dir(temp, final)
+        except BaseException:
+            remove_tree(temp)
+            raise
+        return final
+
+    def link(self, rel: str, config_digest: str) -> bool:
+        """Point the public path at the flat image; True if it changed."""
+        target = self.relative_target(rel, config_digest)
+        if self.link_target(rel) == target:
+            return False
+        path = self.public(rel)
+        if os.path.lexists(path) and not os.path.islink(path):
+            raise UnpackedError(f"public path {rel}: something that is not a symlink is there")
+        self.safe_parent(rel)
+        symlink_atomic(target, path)
+        return True
