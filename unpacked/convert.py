@@ -12,9 +12,10 @@ from pathlib import Path
 from . import flatten, layers, sandbox
 from .errors import UnpackedError
 from .fsutil import remove_tree, replace_dir, temp_sibling
+from .layers import CATALOG
 from .reference import ImageRef
 from .registry.client import Layer, RegistryClient, Resolved
-from .repository import CATALOG, Repository
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 

@@ -79,6 +79,8 @@ def plan(layerfs: list[Path]) -> list[Planned]:
                 if upper is not None:
                     if upper.kind == "dir" and kind == "dir":
                         stack.append(rel)       # folder over folder: merge the children
+                    elif upper.kind == "dir":
+                        new_opaque.add(rel)     # this non-folder hid what lies below it
                     continue
                 item = Planned(rel, entry.path, index, kind)
                 decided[rel] = item

@@ -1,0 +1,254 @@
+"""Layer ingest: hostile tars are refused naming the entry; legit oddities survive exactly."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import tarfile
+
+import pytest
+import zstandard
+from images import Entry, tar_bytes
+
+from unpacked import layers
+from unpacked.layers import LayerError
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A repository root with canaries beside and outside the layer's target."""
+    root = tmp_path / "repo"
+    (root / ".layers").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("untouched")
+    (root / ".layers" / "canary").write_text("untouched")
+    return root, outside
+
+
+def run(site, raw: bytes, *, how="gzip", diff_id=None, media=None, max_bytes=1 << 30):
+    root, _ = site
+    data = {"gzip": lambda b: gzip.compress(b, mtime=0),
+            "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+            "tar": lambda b: b}[how](raw)
+    media = media or {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+                      "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+                      "tar": "application/vnd.oci.image.layer.v1.tar"}[how]
+    dest = root / ".layers" / sha(data)[7:]
+    info = layers.ingest(io.BytesIO(data), dest, digest=sha(data), diff_id=diff_id or sha(raw),
+                         media_type=media, size=len(data), max_bytes=max_bytes)
+    return dest, info
+
+
+def assert_clean(site):
+    root, outside = site
+    assert (outside / "canary").read_text() == "untouched"
+    assert (root / ".layers" / "canary").read_text() == "untouched"
+    assert sorted(os.listdir(outside)) == ["canary"]
+    assert sorted(os.listdir(root / ".layers")) == ["canary"], "partial layer left behind"
+    assert sorted(os.listdir(root)) == [".layers"]
+
+
+HOSTILE = [
+    ("dotdot", lambda o: [Entry("../evil", b"x")], "'../evil'", "climbs out"),
+    ("dotdot inside", lambda o: [Entry("a/../../evil", b"x")], "climbs out", "'a/../../evil'"),
+    ("symlink to root then file", lambda o: [Entry("link", kind="symlink", link="/"),
+                                             Entry("link/etc/evil", b"x")],
+     "'link/etc/evil'", "parent 'link' is a symlink"),
+    ("symlink to outside then file", lambda o: [Entry("out", kind="symlink", link=str(o)),
+                                                Entry("out/canary", b"pwned")],
+     "'out/canary'", "symlink"),
+    ("symlink chain", lambda o: [Entry("a", kind="symlink", link="b"),
+                                 Entry("b", kind="symlink", link="../../../.."),
+                                 Entry("a/evil", b"x")], "'a/evil'", "symlink"),
+    ("hardlink outside", lambda o: [Entry("h", kind="hardlink", link="../../outside/canary")],
+     "'h'", "outside the layer"),
+    ("hardlink through symlink", lambda o: [Entry("s", kind="symlink", link=str(o)),
+                                            Entry("h", kind="hardlink", link="s/canary")],
+     None, None),
+    ("whiteout with empty name", lambda o: [Entry("dir/.wh.", b"")], "'dir/.wh.'",
+     "empty name"),
+    ("root becomes a file", lambda o: [Entry("./", b"x")], "'./'", "root folder"),
+    ("folder made a hardlink", lambda o: [Entry("d", kind="dir"),
+                                          Entry("h", kind="hardlink", link="d")],
+     "'h'", "folder"),
+]
+
+
+@pytest.mark.parametrize("label, entries, names, why", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_entries_are_refused(site, label, entries, names, why):
+    _, outside = site
+    raw = tar_bytes(entries(outside))
+    if names is None:
+        # Not refused: the hardlink's target was never created (the parent is a symlink), so
+        # it is left for flattening, which only links inside the merged tree.
+        dest, info = run(site, raw)
+        assert info["external_links"] == {"h": "s/canary"}
+        assert not os.path.lexists(dest / "layerfs" / "h")
+        assert (outside / "canary").read_text() == "untouched"
+        return
+    with pytest.raises(LayerError) as exc:
+        run(site, raw)
+    message = str(exc.value)
+    assert names in message and why in message and "\n" not in message
+    assert_clean(site)
+
+
+def test_hardlink_to_escaping_symlink_never_follows(site):
+    _, outside = site
+    raw = tar_bytes([Entry("s", kind="symlink", link=str(outside / "canary")),
+                     Entry("h", kind="hardlink", link="s"),
+                     Entry("h", b"pwned")])
+    dest, info = run(site, raw)
+    fs = dest / "layerfs"
+    assert os.readlink(fs / "s") == str(outside / "canary")
+    assert (fs / "h").read_bytes() == b"pwned" and not os.path.islink(fs / "h")
+    assert info["duplicates"] == ["h"]
+    assert (outside / "canary").read_text() == "untouched"
+
+
+def test_special_files_skipped_and_setid_dropped(site):
+    raw = tar_bytes([Entry("dev", kind="dir"), Entry("dev/null", kind="char"),
+                     Entry("dev/sda", kind="block"), Entry("pipe", kind="fifo"),
+                     Entry("bin/su", b"#!", mode=0o4755), Entry("bin/wall", b"#!", mode=0o2755),
+                     Entry("tmp", kind="dir", mode=0o1777)])
+    dest, info = run(site, raw)
+    fs = dest / "layerfs"
+    assert sorted(info["skipped"]) == ["dev/null (device)", "dev/sda (device)", "pipe (fifo)"]
+    assert not os.path.lexists(fs / "dev/null") and not os.path.lexists(fs / "pipe")
+    assert stat.S_IMODE(os.stat(fs / "bin/su").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(fs / "bin/wall").st_mode) == 0o755
+    assert sorted(info["dropped_setid"]) == ["bin/su", "bin/wall"]
+    assert stat.S_IMODE(os.stat(fs / "tmp").st_mode) == 0o1777
+    saved = json.loads((dest / "layer.json").read_text())
+    assert saved["skipped"] == info["skipped"]
+
+
+def test_duplicates_later_wins_and_whiteouts_stay(site):
+    raw = tar_bytes([Entry("a", b"first"), Entry("a", b"second"),
+                     Entry("d", kind="dir"), Entry("d/x", b"x"), Entry("d", b"now a file"),
+                     Entry(".wh..wh..opq", b""), Entry("etc/.wh.passwd", b""),
+                     Entry("etc/.wh..wh..opq", b"")])
+    dest, info = run(site, raw)
+    fs = dest / "layerfs"
+    assert (fs / "a").read_bytes() == b"second"
+    assert (fs / "d").read_bytes() == b"now a file"
+    for name in (".wh..wh..opq", "etc/.wh.passwd", "etc/.wh..wh..opq"):
+        assert (fs / name).is_file() and (fs / name).stat().st_size == 0
+
+
+def test_owner_bits_forced_so_the_tree_can_be_removed(site):
+    raw = tar_bytes([Entry("locked", kind="dir", mode=0o000), Entry("locked/f", b"x", mode=0),
+                     Entry("ro", kind="dir", mode=0o555)])
+    dest, _ = run(site, raw)
+    fs = dest / "layerfs"
+    assert stat.S_IMODE(os.stat(fs / "locked").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(fs / "locked/f").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(fs / "ro").st_mode) == 0o755
+
+
+def test_decompression_bomb_refused(site):
+    raw = tar_bytes([Entry("zeros", bytes(4 << 20))])
+    with pytest.raises(LayerError, match="decompression bomb"):
+        run(site, raw, max_bytes=1 << 20)
+    assert_clean(site)
+
+
+def test_truncated_tar_names_the_entry(site):
+    raw = tar_bytes([Entry("small", b"ok"), Entry("big", os.urandom(200_000))])
+    cut = raw[:len(raw) // 2]
+    with pytest.raises(LayerError) as exc:
+        run(site, cut, how="tar", diff_id=sha(raw))
+    assert "truncated" in str(exc.value) and "'big'" in str(exc.value)
+    assert_clean(site)
+
+
+def test_wrong_diff_id_refused(site):
+    raw = tar_bytes([Entry("a", b"a")])
+    with pytest.raises(LayerError) as exc:
+        run(site, raw, diff_id="sha256:" + "0" * 64)
+    assert "diff_id sha256:000" in str(exc.value)
+    assert_clean(site)
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd", "tar"])
+def test_compressions(site, how):
+    raw = tar_bytes([Entry("f", b"content " * 1000)])
+    dest, info = run(site, raw, how=how)
+    assert (dest / "layerfs/f").read_bytes() == b"content " * 1000
+    assert info["compression"] == how
+    assert info["uncompressed_size"] == len(raw)
+
+
+def test_media_type_and_content_disagree(site, caplog):
+    raw = tar_bytes([Entry("f", b"x")])
+    dest, info = run(site, raw, how="gzip", media="application/vnd.oci.image.layer.v1.tar")
+    assert info["compression"] == "gzip" and (dest / "layerfs/f").read_bytes() == b"x"
+    assert "media type says tar but the content is gzip" in caplog.text
+
+
+def test_trailing_padding_after_archive(site):
+    raw = tar_bytes([Entry("f", b"x")]) + bytes(10240)
+    dest, _ = run(site, raw)
+    assert (dest / "layerfs/f").read_bytes() == b"x"
+
+
+def test_names_modes_times_links_survive(site, tmp_path):
+    long = "d" * 60 + "/" + "n" * 150
+    latin1 = "caf\udce9"          # the byte 0xE9: not UTF-8
+    entries = [Entry(long, b"long"), Entry(latin1, b"latin1"), Entry("empty", kind="dir"),
+               Entry("abs", kind="symlink", link="/usr/bin/env"),
+               Entry("rel", kind="symlink", link="../x/y"),
+               Entry("dangling", kind="symlink", link="nowhere"),
+               Entry("a/file", b"shared", mtime=1_234_567_890, mode=0o640),
+               Entry("a/link", kind="hardlink", link="a/file"),
+               Entry("/etc/abs-name", b"leading slash stripped")]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        raw = tar_bytes(entries, fmt=fmt)
+        dest, _ = run(site, raw)
+        fs = dest / "layerfs"
+        assert (fs / long).read_bytes() == b"long"
+        assert (fs / os.fsdecode(b"caf\xe9")).read_bytes() == b"latin1"
+        assert b"caf\xe9" in os.listdir(os.fsencode(fs))
+        assert (fs / "empty").is_dir() and not os.listdir(fs / "empty")
+        assert os.readlink(fs / "abs") == "/usr/bin/env"
+        assert os.readlink(fs / "rel") == "../x/y"
+        assert os.readlink(fs / "dangling") == "nowhere"
+        st = os.stat(fs / "a/file")
+        assert st.st_mtime == 1_234_567_890 and stat.S_IMODE(st.st_mode) == 0o640
+        assert os.stat(fs / "a/link").st_ino == st.st_ino
+        assert (fs / "etc/abs-name").is_file()
+        assert os.lstat(fs / "empty").st_mtime == 1_600_000_000
+
+
+def test_sparse_file_from_gnu_tar(site, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.seek(5 << 20)
+        f.write(b"end")
+        f.seek(1 << 20)
+        f.write(b"middle")
+    for fmt in ("gnu", "posix"):
+        raw = subprocess.run(["tar", f"--format={fmt}", "--sparse", "-C", str(src), "-cf", "-",
+                              "sparse"], check=True, capture_output=True).stdout
+        dest, _ = run(site, raw)
+        assert (dest / "layerfs/sparse").read_bytes() == (src / "sparse").read_bytes()
+
+
+def test_reingest_replaces_whole(site):
+    raw = tar_bytes([Entry("f", b"1")])
+    dest, _ = run(site, raw)
+    (dest / "layerfs/f").write_bytes(b"tampered")
+    dest, _ = run(site, raw)
+    assert (dest / "layerfs/f").read_bytes() == b"1"
+    assert [n for n in os.listdir(dest.parent) if n.startswith(".")] == []
