@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,3 +102,20 @@ def push_simple(reg: Registry, layout: Layout, repo: str, tag: str = "v1",
     img = layout.image(tag, [layer], **kw)
     skopeo_copy(layout.path, tag, f"{reg.host}/{repo}:{tag}", reg.creds)
     return img
+
+
+@pytest.fixture(scope="session")
+def bookworm(tmp_path_factory):
+    """A real Debian bookworm minbase root filesystem, built once with debootstrap and cached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unpacked-tests"
+    archive = cache / "bookworm-minbase.tar"
+    if not archive.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        root = tmp_path_factory.mktemp("debootstrap") / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root)],
+                       check=True, capture_output=True, timeout=1800)
+        partial = archive.with_suffix(".partial")
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf",
+                        str(partial), "."], check=True, timeout=600)
+        partial.rename(archive)
+    return archive

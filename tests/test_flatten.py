@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -140,23 +139,6 @@ def test_plan_writes_each_path_once():
         rels = [p.rel for p in plan]
         assert len(rels) == len(set(rels)) == 7
         assert next(p for p in plan if p.rel == "shared/same").layer == 4
-
-
-@pytest.fixture(scope="session")
-def bookworm(tmp_path_factory):
-    """A real Debian bookworm minbase root filesystem, built once with debootstrap and cached."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unpacked-tests"
-    archive = cache / "bookworm-minbase.tar"
-    if not archive.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        root = tmp_path_factory.mktemp("debootstrap") / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root)],
-                       check=True, capture_output=True, timeout=1800)
-        partial = archive.with_suffix(".partial")
-        subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf",
-                        str(partial), "."], check=True, timeout=600)
-        partial.rename(archive)
-    return archive
 
 
 def special_files(raw: bytes) -> set[str]:
