@@ -3,7 +3,7 @@
 Faults are queued per path pattern and used up in order: ``reset`` (connection dropped after
 N bytes of the body), ``status`` (an error answer, optionally with headers), ``flip`` (one
 byte of the body changed), ``truncate`` (the body cut short with a matching Content-Length),
-``body`` (a canned answer).
+``body`` (a canned answer), ``slow`` (the body in chunks of ``at`` bytes, ``delay`` apart).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +31,7 @@ class Fault:
     at: int = 0
     method: str = "GET"
     data: bytes = b""
+    delay: float = 0.0
 
 
 class FaultProxy:
@@ -128,6 +130,12 @@ class FaultProxy:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         if h.command == "HEAD":
+            return
+        if fault and fault.kind == "slow":
+            for i in range(0, len(data), fault.at or 65536):
+                h.wfile.write(data[i:i + (fault.at or 65536)])
+                h.wfile.flush()
+                time.sleep(fault.delay)
             return
         if fault and fault.kind == "reset":
             h.wfile.write(data[:fault.at])

@@ -55,17 +55,23 @@ CHILD = textwrap.dedent("""
 """)
 
 INGEST = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     from unpacked import layers
 
+    def hwm_kib():
+        # VmHWM belongs to this process image; ru_maxrss would carry the parent's over exec
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
     work, meta = Path(sys.argv[1]), json.loads(sys.argv[2])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm_kib()
     with open(work / "blob.gz", "rb") as f:
         info = layers.ingest(f, work / "layers" / "x", digest=meta["digest"],
                              diff_id=meta["diff_id"], size=meta["size"],
                              media_type="application/vnd.oci.image.layer.v1.tar+gzip")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = hwm_kib()
     print(json.dumps({"before_kib": before, "peak_kib": peak,
                       "bytes": info["uncompressed_size"]}))
 """)

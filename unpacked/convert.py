@@ -11,11 +11,12 @@ from pathlib import Path
 
 from . import flatten, layers, sandbox
 from .errors import UnpackedError
-from .fsutil import remove_tree, replace_dir, temp_sibling
+from .fsutil import remove_tree, temp_sibling
 from .layers import CATALOG
 from .reference import ImageRef
-from .registry.client import Layer, RegistryClient, Resolved
+from .registry.client import RegistryClient
 from .repository import Repository
+from .resolved import Layer, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def ingest_layer(client: RegistryClient, ref: ImageRef, layer: Layer, repo: Repo
     try:
         info = layers.ingest(stream, repo.layer_dir(layer.digest), digest=layer.digest,
                              diff_id=layer.diff_id, media_type=layer.media_type,
-                             size=layer.size, max_bytes=max_bytes, catalog=repo.catalogs)
+                             size=layer.size, max_bytes=max_bytes, catalog=repo.catalogs,
+                             place=repo.place_dir)
     finally:
         stream.close()
     seconds = max(time.monotonic() - started, 1e-6)
@@ -70,7 +72,7 @@ def build_flat(repo: Repository, resolved: Resolved, mode: str = "hardlink") -> 
         sandbox.write(temp, resolved.config_json)
         if repo.catalogs:
             (temp / CATALOG).touch()
-        replace_dir(temp, final)
+        repo.place_dir(temp, final)
     except BaseException:
         remove_tree(temp)
         raise

@@ -16,6 +16,7 @@ import os
 import stat
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -262,7 +263,8 @@ def _decompressor(stream: io.BufferedReader, promised: str, what: str):
 
 
 def ingest(blob: BinaryIO, dest: Path, *, digest: str, diff_id: str, media_type: str,
-           size: int, max_bytes: int = 64 << 30, catalog: bool = False) -> dict:
+           size: int, max_bytes: int = 64 << 30, catalog: bool = False,
+           place: Callable[[Path, Path], None] = replace_dir) -> dict:
     """Unpack one layer blob into ``dest/layerfs`` with ``dest/layer.json``, atomically.
 
     ``blob`` must verify its own digest at EOF (``BlobStream`` does); the uncompressed stream
@@ -311,7 +313,7 @@ def ingest(blob: BinaryIO, dest: Path, *, digest: str, diff_id: str, media_type:
             (layerfs / CATALOG).touch()     # one nested CVMFS catalog per layer
         (temp / "layer.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         os.chmod(temp, 0o755)
-        replace_dir(temp, dest)
+        place(temp, dest)
         return info
     except BaseException:
         remove_tree(temp)

@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UnpackedError
@@ -23,9 +24,17 @@ def hex_of(digest: str) -> str:
 class Repository:
     """One repository root (``<root>/<cvmfs_repo>``) and where everything lives inside it."""
 
-    def __init__(self, root: Path, catalogs: bool = False):
+    def __init__(self, root: Path, catalogs: bool = False,
+                 guard: Callable[[Path], None] | None = None):
         self.root = root
         self.catalogs = catalogs       # cvmfs: a nested catalog per layer and per flat image
+        self.guard = guard             # the publisher's check (and journal) before each write
+
+    def place_dir(self, temp: Path, final: Path) -> None:
+        """Put a finished folder at its final path, whole."""
+        if self.guard:
+            self.guard(final)
+        replace_dir(temp, final)
 
     def layer_dir(self, digest: str) -> Path:
         return self.root / ".layers" / hex_of(digest)
@@ -90,8 +99,11 @@ class Repository:
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
-                os.mkdir(current, 0o755)
-                continue
+                try:
+                    os.mkdir(current, 0o755)
+                    continue
+                except FileExistsError:      # another worker made it meanwhile
+                    st = os.lstat(current)
             if not stat.S_ISDIR(st.st_mode):
                 raise UnpackedError(f"public path {rel}: {current} is not a folder")
         return current
@@ -106,7 +118,7 @@ class Repository:
             (temp / "config.json").write_bytes(config)
             summary = dict(summary, written_at=time.time())
             (temp / "image.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-            replace_dir(temp, final)
+            self.place_dir(temp, final)
         except BaseException:
             remove_tree(temp)
             raise
@@ -121,5 +133,7 @@ class Repository:
         if os.path.lexists(path) and not os.path.islink(path):
             raise UnpackedError(f"public path {rel}: something that is not a symlink is there")
         self.safe_parent(rel)
+        if self.guard:
+            self.guard(path)
         symlink_atomic(target, path)
         return True

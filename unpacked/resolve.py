@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from .errors import UnpackedError
 from .recipe import Input, Recipe
 from .reference import ImageRef
-from .registry.client import RegistryClient, Resolved
+from .registry.client import RegistryClient
+from .resolved import Resolved
 from .state import State
 
 log = logging.getLogger(__name__)

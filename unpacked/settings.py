@@ -27,6 +27,9 @@ class Settings:
     registry_jobs: int = 4              # concurrent resolves per registry
     foreign_layers: bool = False        # fetch non-distributable layers from their urls
     max_layer_bytes: int = 64 << 30     # refuse a layer whose tar is larger (decompression bomb)
+    cvmfs_server: str = "cvmfs_server"  # the command the cvmfs publisher runs
+    cvmfs_spool: Path = Path("/var/spool/cvmfs")   # where cvmfs_server keeps its locks
+    jobs: int = 0                       # doit processes; 0: chosen for this machine
 
     @property
     def recipe_path(self) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import diskcache
 
-from .registry.client import Resolved
+from .resolved import Resolved
 
 
 class State:

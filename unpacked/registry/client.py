@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -20,6 +19,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import DigestMismatch, NotFound, RegistryError, Unauthorized, Unsupported
 from ..reference import ImageRef
+from ..resolved import Layer, Resolved
 from . import platform as platforms
 from .auth import RegistryAuth, TokenStore, find_credential
 from .retry import RetryAdapter, RetryPolicy
@@ -56,49 +56,6 @@ def verify(data: bytes, digest: str, what: str) -> None:
     got = f"{digest.partition(':')[0]}:{h.hexdigest()}"
     if got != digest:
         raise DigestMismatch(f"{what}: content hashes to {got}, expected {digest}; refused")
-
-
-@dataclass
-class Layer:
-    digest: str
-    size: int
-    media_type: str
-    diff_id: str
-    urls: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Resolved:
-    """What one input resolves to: everything task generation and unpacking need, offline."""
-
-    name: str                      # registry/repository:tag as resolved (wildcards expanded)
-    top_digest: str                # what the tag points at (index or manifest)
-    manifest_digest: str           # the platform manifest
-    media_type: str
-    manifest: bytes                # exact bytes of the platform manifest
-    config_digest: str
-    config: bytes                  # exact bytes of the config blob
-    layers: list[Layer]
-    platform: str
-    resolved_at: float
-
-    @property
-    def config_json(self) -> dict:
-        return json.loads(self.config)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["manifest"] = self.manifest.decode("utf-8", "surrogateescape")
-        d["config"] = self.config.decode("utf-8", "surrogateescape")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Resolved:
-        d = dict(d)
-        d["manifest"] = d["manifest"].encode("utf-8", "surrogateescape")
-        d["config"] = d["config"].encode("utf-8", "surrogateescape")
-        d["layers"] = [Layer(**x) for x in d["layers"]]
-        return cls(**d)
 
 
 def _error_text(resp: requests.Response) -> tuple[str | None, str]:

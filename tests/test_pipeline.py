@@ -1,0 +1,283 @@
+"""The doit pipeline end to end, as an operator runs it, on a real registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+
+import pytest
+from conftest import unique
+from images import Entry, skopeo_copy, tar_bytes
+from site_helper import Site
+
+BASE = [Entry("etc/os-release", b"NAME=test\n"), Entry("usr/bin/tool", b"#!/bin/sh\n",
+                                                       mode=0o755),
+        Entry("usr/share/doc/readme", b"doc"), Entry("var/cache/junk", b"junk")]
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path / "site")
+    yield s
+    s.close()
+
+
+def push(registry, layout, repo: str, tag: str, own: list[Entry], base=BASE, **config):
+    img = layout.image(tag, [tar_bytes(base), tar_bytes(own)], config=config or None)
+    skopeo_copy(layout.path, tag, f"{registry.host}/{repo}:{tag}")
+    return img
+
+
+def three_images(registry, layout):
+    """Two images sharing a base layer (one with whiteouts) and a single-layer one."""
+    a, b, c = unique("a"), unique("b"), unique("c")
+    imgs = {
+        a: push(registry, layout, a, "v1", [Entry("app/a", b"a"), Entry("usr/share/.wh.doc", b""),
+                                           Entry("var/cache/.wh..wh..opq", b"")]),
+        b: push(registry, layout, b, "v1", [Entry("app/b", b"b")], Env=["B=1"]),
+    }
+    img = layout.image("v1", [tar_bytes([Entry("only", b"one layer")])])
+    skopeo_copy(layout.path, "v1", f"{registry.host}/{c}:v1")
+    imgs[c] = img
+    return imgs
+
+
+def check_layout(site: Site, host: str, imgs: dict) -> None:
+    root = site.repo_root
+    for repo, img in imgs.items():
+        for digest in img.layers:
+            d = root / ".layers" / digest[7:]
+            assert (d / "layerfs").is_dir()
+            info = json.loads((d / "layer.json").read_text())
+            assert info["digest"] == digest and info["diff_id"] in img.diff_ids
+        flat = root / ".flat" / img.config_digest[7:]
+        assert (flat / ".singularity.d" / "runscript").is_file()
+        meta = root / ".metadata" / host / f"{repo}:v1"
+        manifest = (meta / "manifest.json").read_bytes()
+        assert "sha256:" + hashlib.sha256(manifest).hexdigest() == img.manifest_digest
+        assert json.loads((meta / "config.json").read_bytes()) == img.config
+        summary = json.loads((meta / "image.json").read_text())
+        assert summary["config_digest"] == img.config_digest
+        public = root / host / f"{repo}:v1"
+        depth = f"{host}/{repo}:v1".count("/")
+        assert os.readlink(public) == "../" * depth + ".flat/" + img.config_digest[7:]
+        assert public.resolve() == flat.resolve()
+
+
+def test_cold_run_then_noop(registry, layout, site, proxy):
+    imgs = three_images(registry, layout)
+    site.recipe([f"http://{proxy.host}/{r}:v1" for r in imgs])
+    done = site.doit()
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "3 added" in done.stdout
+    check_layout(site, proxy.host, imgs)
+    a = next(iter(imgs))
+    flat_a = site.repo_root / ".flat" / imgs[a].config_digest[7:]
+    assert not (flat_a / "usr/share/doc").exists() and (flat_a / "usr/bin/tool").exists()
+    assert os.listdir(flat_a / "var/cache") == []
+    assert site.revision() == 1 and not site.transaction_open()
+    shared = imgs[a].layers[0]
+    assert proxy.count("GET", f"/blobs/{shared}") == 1, "a shared layer is downloaded once"
+    proxy.clear()
+    again = site.doit()
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "" and again.stderr == "", "a no-op cron run is silent"
+    assert site.revision() == 1 and not site.transaction_open()
+    assert proxy.count("HEAD") == 3 and proxy.count("GET") == 0
+
+
+def test_moved_tag_flips_link_in_one_transaction(registry, layout, site):
+    repo = unique("moving")
+    old = push(registry, layout, repo, "v1", [Entry("version", b"1")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    assert site.doit().returncode == 0
+    new = push(registry, layout, repo, "v1", [Entry("version", b"2")])
+    done = site.doit()
+    assert done.returncode == 0 and "1 updated" in done.stdout
+    public = site.repo_root / registry.host / f"{repo}:v1"
+    assert (public / "version").read_bytes() == b"2"
+    assert (site.repo_root / ".flat" / old.config_digest[7:]).is_dir(), "kept for GC"
+    assert (site.repo_root / ".flat" / new.config_digest[7:]).is_dir()
+    meta = site.repo_root / ".metadata" / registry.host / f"{repo}:v1" / "image.json"
+    assert json.loads(meta.read_text())["manifest_digest"] == new.manifest_digest
+    assert site.revision() == 2
+    assert new.layers[0] == old.layers[0]
+
+
+def test_missing_image_and_corrupt_layer_stay_local(registry, layout, site, proxy):
+    good, bad = unique("good"), unique("bad")
+    push(registry, layout, good, "v1", [Entry("g", b"good")])
+    bad_img = push(registry, layout, bad, "v1", [Entry("b", os.urandom(5000))])
+    proxy.add(f"/blobs/{bad_img.layers[1]}", "flip", at=100, times=99)
+    site.recipe([f"http://{proxy.host}/{good}:v1", f"http://{proxy.host}/{bad}:v1",
+                 f"http://{proxy.host}/{unique('absent')}:v1"])
+    done = site.doit()
+    assert done.returncode == 1
+    assert "1 added" in done.stdout and "2 failed" in done.stdout
+    assert f"failed {proxy.host}/{bad}:v1: blob {bad_img.layers[1]}" in done.stdout
+    assert "MANIFEST_UNKNOWN" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert (site.repo_root / proxy.host / f"{good}:v1").is_symlink()
+    assert not (site.repo_root / proxy.host / f"{bad}:v1").exists()
+    assert site.revision() == 1 and not site.transaction_open()
+    assert not (site.repo_root / ".layers" / bad_img.layers[1][7:]).exists()
+    # the bad image is retried next run, and converts once the registry behaves
+    proxy.clear()
+    done = site.doit()
+    assert done.returncode == 1 and "1 added" in done.stdout and "1 failed" in done.stdout
+
+
+def _wait_for(predicate, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _temps(site):
+    layers = site.repo_root / ".layers"
+    return [n for n in os.listdir(layers) if n.startswith(".")] if layers.exists() else []
+
+
+def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
+    repo = unique("killed")
+    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(3 << 20))])
+    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
+    site.recipe([f"http://{proxy.host}/{repo}:v1"])
+    run = site.start()
+    assert _wait_for(lambda: _temps(site)), "the ingest never started"
+    time.sleep(0.3)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert site.transaction_open()
+    assert not (site.repo_root / ".layers" / img.layers[1][7:]).exists()
+    proxy.clear()
+    done = site.doit()
+    assert done.returncode == 0, done.stderr
+    assert "aborting the transaction left open" in done.stderr
+    assert _temps(site) == []
+    assert not [p for p in (site.repo_root / ".flat").iterdir() if p.name.startswith(".")]
+    public = site.repo_root / proxy.host / f"{repo}:v1"
+    assert (public / "big").stat().st_size == 3 << 20
+    assert not site.transaction_open()
+
+
+def test_second_run_exits_at_once(registry, layout, site, proxy):
+    repo = unique("slow")
+    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
+    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.03)
+    site.recipe([f"http://{proxy.host}/{repo}:v1"])
+    first = site.start()
+    assert _wait_for(lambda: _temps(site))
+    before = sorted(os.listdir(site.repo_root))
+    started = time.monotonic()
+    second = site.doit()
+    assert time.monotonic() - started < 10
+    assert second.returncode == 75
+    assert "another run" in second.stderr and "exiting without changes" in second.stderr
+    assert sorted(os.listdir(site.repo_root)) == before
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert site.revision() == 1
+
+
+def test_forget_forces_exactly_that_rebuild(registry, layout, site):
+    one, two = unique("one"), unique("two")
+    i1 = push(registry, layout, one, "v1", [Entry("x", b"1")])
+    push(registry, layout, two, "v1", [Entry("x", b"2")])
+    site.recipe([f"http://{registry.host}/{one}:v1", f"http://{registry.host}/{two}:v1"])
+    assert site.doit().returncode == 0
+    layers = site.repo_root / ".layers"
+
+    def ingested():
+        return {d.name: json.loads((d / "layer.json").read_text())["ingested_at"]
+                for d in layers.iterdir() if not d.name.startswith(".")}
+    before = ingested()
+    own = i1.layers[1][7:]
+    assert site.doit("forget", f"layer:{own}").returncode == 0
+    assert site.doit().returncode == 0
+    after = ingested()
+    assert [k for k in before if before[k] != after[k]] == [own]
+
+    flat = site.repo_root / ".flat" / i1.config_digest[7:]
+    inode = flat.stat().st_ino
+    others = {p.name: p.stat().st_ino for p in (site.repo_root / ".flat").iterdir()}
+    assert site.doit("forget", f"image:{registry.host}/{one}:v1").returncode == 0
+    done = site.doit()
+    assert done.returncode == 0
+    assert flat.stat().st_ino != inode, "the flat image was rebuilt"
+    for name, ino in others.items():
+        if name != flat.name:
+            assert (site.repo_root / ".flat" / name).stat().st_ino == ino
+    assert ingested() == after, "no layer was touched"
+    bare = site.doit("forget")
+    assert bare.returncode == 0 and "no tasks specified" in bare.stdout
+
+
+def test_list_and_info_offline(registry, layout, site, proxy):
+    repo = unique("offline")
+    img = push(registry, layout, repo, "v1", [Entry("x", b"x")])
+    site.recipe([f"http://{proxy.host}/{repo}:v1"])
+    assert site.doit().returncode == 0
+    proxy.clear()
+    proxy.add("", "status", status=503, times=10_000, method="GET")
+    proxy.add("", "status", status=503, times=10_000, method="HEAD")
+    listed = site.doit("list", "--all", "-s")
+    assert listed.returncode == 0, listed.stderr
+    assert f"U image:{proxy.host}/{repo}:v1" in listed.stdout
+    assert f"U layer:{img.layers[1][7:]}" in listed.stdout
+    info = site.doit("info", f"image:{proxy.host}/{repo}:v1")
+    assert info.returncode == 0
+    assert img.manifest_digest in info.stdout and "up-to-date" in info.stdout
+    assert f"{proxy.host}/{repo}:v1" in info.stdout
+    site.doit("forget", f"image:{proxy.host}/{repo}:v1")
+    info = site.doit("info", f"image:{proxy.host}/{repo}:v1")
+    assert info.returncode == 1 and "forgotten" in info.stdout
+    assert proxy.count("GET") == 0 and proxy.count("HEAD") == 0
+
+
+def test_parallel_processes(registry, layout, site):
+    imgs = three_images(registry, layout)
+    site.recipe([f"http://{registry.host}/{r}:v1" for r in imgs])
+    done = site.doit("-n", "2")
+    assert done.returncode == 0, done.stderr
+    check_layout(site, registry.host, imgs)
+    serial = site.doit("-n", "1")
+    assert serial.returncode == 0 and serial.stdout == ""
+
+
+def test_malformed_recipe_is_one_line(site):
+    (site.recipes / "bad.yaml").write_text("version: 1\ncvmfs_repo: x\ninptu: []\n")
+    for args in ((), ("list",)):
+        done = site.doit(*args)
+        assert done.returncode == 3
+        assert "bad.yaml:3: inptu: unknown key (did you mean 'input'?)" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_sigterm_aborts_local_transaction(registry, layout, site, proxy):
+    first = unique("first")
+    push(registry, layout, first, "v1", [Entry("a", b"a")])
+    site.recipe([f"http://{proxy.host}/{first}:v1"])
+    assert site.doit().returncode == 0
+    before = sorted(str(p.relative_to(site.repo_root)) for p in site.repo_root.rglob("*")
+                    if ".unpacked" not in p.parts)
+    repo = unique("term")
+    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
+    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
+    site.recipe([f"http://{proxy.host}/{first}:v1", f"http://{proxy.host}/{repo}:v1"])
+    run = site.start()
+    assert _wait_for(lambda: _temps(site))
+    time.sleep(0.3)
+    os.kill(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    after = sorted(str(p.relative_to(site.repo_root)) for p in site.repo_root.rglob("*")
+                   if ".unpacked" not in p.parts)
+    assert after == before, "abort removed what the run added"
+    assert site.revision() == 1 and not site.transaction_open()

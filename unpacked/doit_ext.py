@@ -1,0 +1,291 @@
+"""doit glue: the run's lock, its one transaction per repository, signals, output, exit code.
+
+All of it hangs on a reporter, because doit calls its hooks in the main process only, at the
+start (``initialize``) and at the very end of a run (``complete_run``), whatever the mode of
+execution and even after an interrupt: that is where the run lock is taken, a crashed run's
+transaction aborted, and this run's transaction published (or aborted when interrupted).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+
+from doit.exceptions import UnmetDependency
+from doit.reporter import ConsoleReporter
+
+from . import log as logs
+from .errors import RecipeError, UnpackedError
+from .settings import Settings
+
+log = logging.getLogger("unpacked.run")
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_BUSY = 0, 1, 3, 75
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main process by SIGINT/SIGTERM so that doit unwinds and we abort."""
+
+
+class RunLock:
+    """One run at a time: a non-blocking ``flock`` on ``cache/run.lock``."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _task_reason(fail) -> str:
+    text = fail.get_msg() if hasattr(fail, "get_msg") else str(fail)
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else type(fail).__name__
+
+
+class Reporter(ConsoleReporter):
+    """Quiet in cron, a line per task for a person, a summary and a meaningful exit code."""
+
+    desc = "unpacked: lock, transactions, summary"
+
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        from .tasks import current_settings
+        self.settings: Settings = current_settings()
+        self.run = RUN
+        self.started = RUN.started if RUN else time.monotonic()
+        self.interactive = logs.interactive()
+        self.changes: dict[str, str] = {}
+        self.unchanged: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.task_failures: dict[str, str] = {}
+        self.meta: dict[str, dict] = {}
+
+    # -- start --------------------------------------------------------------------------------
+
+    def initialize(self, tasks, selected_tasks):
+        if self.run is None:      # doit run programmatically without prepare_run: do it now
+            self.run = prepare_run(self.settings, resolve=False)
+
+    @property
+    def interrupted(self) -> str | None:
+        return self.run.interrupted if self.run else None
+
+    # -- per task -----------------------------------------------------------------------------
+
+    def execute_task(self, task):
+        if task.name.startswith(("layer:", "flat:", "image:", "publish:")) and self.interactive:
+            self.write(f".  {task.name}\n")
+
+    def skip_uptodate(self, task):
+        if task.name.startswith("image:"):
+            self.unchanged.add(task.name[6:])
+
+    def add_success(self, task):
+        if task.name.startswith("image:"):
+            change = (task.values or {}).get("change") or "rewritten"
+            self.changes[task.name[6:]] = change
+
+    def add_failure(self, task, fail):
+        if isinstance(fail, UnmetDependency):
+            if task.name.startswith("image:"):
+                self.failed.setdefault(task.name[6:], "a layer or flat image it needs failed")
+            return                       # a consequence: the cause is reported on its own
+        reason = _task_reason(fail)
+        self.task_failures[task.name] = reason
+        self.meta[task.name] = task.meta or {}
+        if task.name.startswith("image:"):
+            self.failed[task.name[6:]] = reason
+        if self.interactive:
+            sys.stderr.write(f"FAILED {task.name}: {reason}\n")
+
+    def runtime_error(self, msg):
+        self.runtime_errors.append(msg)
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def complete_run(self):
+        try:
+            self._close_transactions()
+        finally:
+            self.run.lock.release()
+        self._attribute_failures()
+        self._summary()
+        if self.interrupted:
+            raise SystemExit(EXIT_SIGNAL.get(self.interrupted, 130))
+        if self.runtime_errors:
+            for line in self.runtime_errors:
+                sys.stderr.write(f"unpacked: {line}\n")
+            raise SystemExit(EXIT_SETUP)
+        if self.failed or self.task_failures:
+            raise SystemExit(EXIT_FAILED)
+
+    def _close_transactions(self) -> None:
+        from .tasks import run_message
+        for publisher in publishers(self.settings):
+            if not publisher.is_open():
+                continue
+            try:
+                if self.interrupted:
+                    publisher.abort()
+                else:
+                    publisher.publish(run_message(self.settings, publisher.name))
+            except UnpackedError as exc:
+                sys.stderr.write(f"unpacked: {exc}\n")
+                self.task_failures[f"publish:{publisher.name}"] = str(exc)
+
+    def _attribute_failures(self) -> None:
+        """An image whose layer or flat image failed has failed, for that reason."""
+        for name, reason in self.task_failures.items():
+            if name.startswith(("layer:", "flat:")):
+                for image in self.meta.get(name, {}).get("images", []):
+                    if self.failed.get(image, "").startswith("a layer or flat"):
+                        del self.failed[image]
+                    self.failed.setdefault(image, reason)
+
+    def _summary(self) -> None:
+        added = sum(1 for c in self.changes.values() if c == "added")
+        updated = sum(1 for c in self.changes.values() if c != "added")
+        seconds = time.monotonic() - self.started
+        something = added or updated or self.failed or self.interrupted
+        if not (something or self.interactive):
+            return
+        line = (f"unpacked: {added} added, {updated} updated, {len(self.unchanged)} unchanged, "
+                f"{len(self.failed)} failed in {seconds:.1f}s")
+        if self.interrupted:
+            line += f"; interrupted by {self.interrupted}, transaction aborted"
+        self.write(line + "\n")
+        for name, reason in sorted(self.failed.items()):
+            self.write(f"  failed {name}: {reason}\n")
+
+
+class Run:
+    """What a ``doit`` run holds from its start to its end: the lock and how it ends."""
+
+    def __init__(self, lock: RunLock):
+        self.lock = lock
+        self.started = time.monotonic()
+        self.interrupted: str | None = None
+
+    def on_signal(self, signum, frame):
+        self.interrupted = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_IGN)      # a second signal must not cut the abort
+        raise Interrupted(self.interrupted)
+
+
+RUN: Run | None = None
+
+
+def publishers(settings: Settings):
+    from .context import context
+    from .tasks import _recipes_or_none
+    ctx = context(settings)
+    repos = sorted({x.cvmfs_repo for x in _recipes_or_none(settings)})
+    return [ctx.publisher(r) for r in repos]
+
+
+DOIT_COMMANDS = {"list", "info", "forget", "clean", "dumpdb", "help", "ignore", "reset-dep",
+                 "strace", "tabcompletion", "auto", "version"}
+
+
+def is_run(argv: list[str]) -> bool:
+    """doit's own rule: the first argument names a command, else the command is ``run``."""
+    args = argv[1:]
+    if not args:
+        return True
+    if args[0] in ("--version", "--help", "-h"):
+        return False
+    return args[0] == "run" or args[0] not in DOIT_COMMANDS
+
+
+def prepare_run(settings: Settings, resolve: bool = True) -> Run:
+    """Start of a run: take the lock, abort a crashed run's transaction, resolve (network).
+
+    An overlapping run exits here with EXIT_BUSY, before it has changed anything.
+    """
+    global RUN
+    lock = RunLock(settings.cache_dir / "run.lock")
+    if not lock.acquire():
+        sys.stderr.write(f"unpacked: another run (pid {lock.holder()}) holds {lock.path}; "
+                         "exiting without changes\n")
+        raise SystemExit(EXIT_BUSY)
+    run = Run(lock)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, run.on_signal)
+    try:
+        for publisher in publishers(settings):
+            publisher.recover()
+        if resolve:
+            from .tasks import run_resolve
+            run_resolve(settings)
+    except UnpackedError as exc:
+        sys.stderr.write(f"unpacked: {exc}\n")
+        lock.release()
+        raise SystemExit(EXIT_BUSY) from None
+    except Interrupted:
+        lock.release()
+        sys.stderr.write(f"unpacked: interrupted by {run.interrupted} while resolving\n")
+        raise SystemExit(EXIT_SIGNAL.get(run.interrupted, 130)) from None
+    RUN = run
+    return run
+
+
+def doit_config(settings: Settings) -> dict:
+    """DOIT_CONFIG for dodo.py: sqlite3 state in cache/, our reporter, keep going on failures."""
+    jobs = settings.jobs or default_jobs()
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "backend": "sqlite3",
+        "dep_file": str(settings.cache_dir / "doit.sqlite"),
+        "default_tasks": ["publish"],
+        "reporter": Reporter,
+        "continue": True,
+        "num_process": jobs if jobs > 1 else 0,
+        "par_type": "process",
+        "verbosity": 2,
+        "forget_disable_default": True,
+        "minversion": "0.36.0",
+    }
+
+
+def default_jobs() -> int:
+    """Parallel processes when not set: measured in bench/ (ingest is CPU-bound per layer)."""
+    return min(2, os.cpu_count() or 1)
+
+
+def check_recipes(settings: Settings) -> None:
+    """Fail at load with file:line:key errors rather than a traceback from inside doit."""
+    from .recipe import load
+    try:
+        load(settings.recipe_path)
+    except RecipeError as exc:
+        for line in exc.lines:
+            sys.stderr.write(f"error: {line}\n")
+        raise SystemExit(EXIT_SETUP) from None

@@ -1,0 +1,475 @@
+"""doit task generators and actions: offline, from the recipes and the resolved state.
+
+Per unique layer ``layer:<hex>``, per unique image config ``flat:<hex>``, per image
+``image:<name>`` (metadata and public link), and ``publish:<repo>``. ``_txn:<repo>`` opens the
+repository's transaction as a setup task, so it runs only when some work is stale.
+Generation never touches the network, so ``doit list``/``info``/``forget`` work offline and
+fast; a ``doit`` run resolves first (``prepare_run`` in doit_ext), then generates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from doit import get_var
+from doit.exceptions import TaskFailed
+
+from . import recipe as recipes
+from . import settings as settings_mod
+from .context import context
+from .errors import UnpackedError
+from .recipe import Input, Recipe
+from .reference import ImageRef
+from .resolve import expand
+from .resolved import Resolved
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+SANDBOX_VERSION = 1          # bump when the sandbox files change: every flat image is rebuilt
+
+
+# -- settings and the plan --------------------------------------------------------------------
+
+_SETTINGS: Settings | None = None
+
+
+def current_settings() -> Settings:
+    """Settings of this doit invocation: ``doit name=value`` > ``UNPACKED_NAME`` > default."""
+    global _SETTINGS
+    if _SETTINGS is None:
+        variables = {}
+        for f in fields(Settings):
+            value = get_var(f.name, None)
+            if value is not None:
+                variables[f.name] = value
+        _SETTINGS = settings_mod.load(variables, project=Path.cwd())
+    return _SETTINGS
+
+
+@dataclass
+class ImagePlan:
+    recipe: Recipe
+    input: Input
+    ref: ImageRef
+    resolved: Resolved | None
+    failure: str | None
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def repo(self) -> str:
+        return self.recipe.cvmfs_repo
+
+    @property
+    def public(self) -> str:
+        return self.recipe.public_path_of(self.ref)
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    images: list[ImagePlan] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)     # digest -> info
+    flats: dict[str, dict] = field(default_factory=dict)      # config digest -> info
+    repos: list[str] = field(default_factory=list)
+    recorded: set[str] = field(default_factory=set)           # task ids in doit's database
+
+
+def load_recipes(s: Settings) -> list[Recipe]:
+    return recipes.load(s.recipe_path)
+
+
+def recorded_tasks(s: Settings) -> set[str]:
+    """Task ids doit has recorded as done (to notice ``doit forget image:...``)."""
+    path = s.cache_dir / "doit.sqlite"
+    if not path.exists():
+        return set()
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return {row[0] for row in db.execute("select task_id from doit")}
+    except sqlite3.Error:
+        return set()
+
+
+def build_plan(s: Settings) -> Plan:
+    plan = Plan(s)
+    loaded = load_recipes(s)
+    state = context(s).state
+    plan.repos = sorted({r.cvmfs_repo for r in loaded})
+    plan.recorded = recorded_tasks(s)
+    for wanted in expand(loaded, state):
+        resolved = state.resolved(wanted.name, s.platform)
+        failure = state.failure(wanted.name)
+        item = ImagePlan(wanted.recipe, wanted.input, wanted.ref, resolved, failure)
+        plan.images.append(item)
+        if resolved is None:
+            continue
+        for layer in resolved.layers:
+            entry = plan.layers.setdefault(layer.digest, {
+                "layer": layer, "ref": wanted.ref, "repos": set(), "images": []})
+            entry["repos"].add(item.repo)
+            entry["images"].append(item.name)
+        flat = plan.flats.setdefault(resolved.config_digest, {
+            "name": item.name, "resolved": resolved, "repos": set(), "images": []})
+        flat["repos"].add(item.repo)
+        flat["images"].append(item)
+    return plan
+
+
+_PLAN: Plan | None = None
+
+
+def current_plan() -> Plan:
+    """The plan, built once per process (a run resolves before doit asks for tasks)."""
+    global _PLAN
+    if _PLAN is None:
+        _PLAN = build_plan(current_settings())
+    return _PLAN
+
+
+def _hex(digest: str) -> str:
+    return digest.partition(":")[2]
+
+
+# -- up-to-date checks (run in doit's main process: cheap, offline, never raising) --------------
+
+class LayerPresent:
+    """Up to date when doit recorded this digest *and* every target layer folder is complete."""
+
+    def __init__(self, digest: str, dirs: list[str]):
+        self.digest, self.dirs, self.why = digest, dirs, "not checked"
+
+    def __call__(self, task, values) -> bool:
+        if values.get("digest") != self.digest:
+            self.why = "not recorded as ingested (new, or forgotten)"
+            return False
+        for d in self.dirs:
+            if not (os.path.isfile(os.path.join(d, "layer.json"))
+                    and os.path.isdir(os.path.join(d, "layerfs"))):
+                self.why = f"{d} is missing"
+                return False
+        self.why = "ingested"
+        return True
+
+    def __repr__(self) -> str:
+        return f"LayerPresent({self.digest}: {self.why})"
+
+
+class FlatPresent:
+    """Up to date when built from these layers in this mode and present; forced after a forget."""
+
+    def __init__(self, key: str, dirs: list[str], forced: str | None):
+        self.key, self.dirs, self.forced, self.why = key, dirs, forced, "not checked"
+
+    def __call__(self, task, values) -> bool:
+        if self.forced:
+            self.why = self.forced
+            return False
+        if values.get("key") != self.key:
+            self.why = "not recorded as built from these layers (new, or forgotten)"
+            return False
+        for d in self.dirs:
+            if not os.path.isdir(d):
+                self.why = f"{d} is missing"
+                return False
+        self.why = "built"
+        return True
+
+    def __repr__(self) -> str:
+        return f"FlatPresent({self.why})"
+
+
+class ImageCurrent:
+    """Up to date when the public path points at the flat image of the resolved manifest."""
+
+    def __init__(self, manifest: str, targets: list[tuple[str, str, str]]):
+        self.manifest, self.targets, self.why = manifest, targets, "not checked"
+
+    def __call__(self, task, values) -> bool:
+        if values.get("manifest") != self.manifest:
+            self.why = f"not recorded as linked to {self.manifest} (new, moved, or forgotten)"
+            return False
+        for link, target, metadata in self.targets:
+            try:
+                got = os.readlink(link)
+            except OSError:
+                self.why = f"{link} is missing"
+                return False
+            if got != target:
+                self.why = f"{link} points at {got}, not {target}"
+                return False
+            if not os.path.isfile(os.path.join(metadata, "image.json")):
+                self.why = f"{metadata} is missing"
+                return False
+        self.why = "linked"
+        return True
+
+    def __repr__(self) -> str:
+        return f"ImageCurrent({self.why})"
+
+
+class TransactionClosed:
+    """``publish`` has nothing to do unless this run opened the repository's transaction."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, task, values) -> bool:
+        return not os.path.exists(self.marker)
+
+    def __repr__(self) -> str:
+        return "TransactionClosed(no transaction open)" if self(None, {}) else \
+            "TransactionClosed(a transaction is open)"
+
+
+# -- actions (module level: picklable for doit -n N) --------------------------------------------
+
+def _failed(exc: UnpackedError) -> TaskFailed:
+    log.error("%s", exc)
+    return TaskFailed(str(exc))
+
+
+def run_resolve(s: Settings) -> dict:
+    """Resolve every input over the network; failures are kept per image for its task."""
+    from .resolve import Resolver
+    ctx = context(s)
+    started = time.monotonic()
+    resolver = Resolver(ctx.client, ctx.state, s.platform, s.registry_jobs)
+    outcomes, problems = resolver.run(load_recipes(s))
+    for line in problems:
+        log.warning("%s", line)
+    failed = [o for o in outcomes if o.error]
+    for o in failed:
+        log.warning("%s", o.error)
+    changed = sum(1 for o in outcomes if o.changed)
+    log.info("resolved %d images in %.1fs: %d changed, %d failed", len(outcomes),
+             time.monotonic() - started, changed, len(failed))
+    return {"images": len(outcomes), "changed": changed, "failed": len(failed),
+            "problems": problems}
+
+
+def begin_transaction(s: Settings, repo: str) -> dict | TaskFailed:
+    try:
+        context(s).publisher(repo).begin()
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {}
+
+
+def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict | TaskFailed:
+    from .convert import ingest_layer
+    from .reference import parse
+    from .resolved import Layer
+    ctx = context(s)
+    item = Layer(**layer)
+    try:
+        for repo in repos:
+            repository = ctx.publisher(repo).repository()
+            ingest_layer(ctx.client, parse(ref_text), item, repository,
+                         foreign=s.foreign_layers, max_bytes=s.max_layer_bytes)
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {"digest": item.digest}
+
+
+def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict | TaskFailed:
+    from .convert import build_flat
+    ctx = context(s)
+    resolved = ctx.state.resolved(name, s.platform)
+    try:
+        if resolved is None:
+            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        for repo in repos:
+            publisher = ctx.publisher(repo)
+            mode = "copy" if publisher.kind == "cvmfs" or s.flatten == "copy" else "hardlink"
+            build_flat(publisher.repository(), resolved, mode)
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {"key": key}
+
+
+def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict | TaskFailed:
+    """Write metadata and flip the public link in each ``(repo, public path, input)``."""
+    from .convert import link_image
+    ctx = context(s)
+    resolved = ctx.state.resolved(name, s.platform)
+    changes = []
+    try:
+        if resolved is None:
+            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        for repo, public, written in targets:
+            repository = ctx.publisher(repo).repository()
+            before = repository.link_target(public)
+            moved = link_image(repository, resolved, written, public)
+            change = "added" if before is None else "updated" if moved else "rewritten"
+            note_change(s, repo, f"{change} {name}")
+            log.info("%s %s -> .flat/%s", change, public, resolved.config_digest[7:19])
+            changes.append(change)
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {"manifest": resolved.manifest_digest, "change": changes[0] if changes else ""}
+
+
+def fail(reason: str) -> TaskFailed:
+    """The task of an image that could not be resolved: fails with the registry's reason."""
+    return TaskFailed(reason)
+
+
+def publish_repo(s: Settings, repo: str) -> dict | TaskFailed:
+    try:
+        context(s).publisher(repo).publish(run_message(s, repo))
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {}
+
+
+def _changes_file(s: Settings, repo: str) -> Path:
+    return s.cache_dir / "transactions" / f"{repo}.changes"
+
+
+def note_change(s: Settings, repo: str, line: str) -> None:
+    path = _changes_file(s, repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def run_message(s: Settings, repo: str) -> str:
+    """The publish message: what this run changed, in a line."""
+    path = _changes_file(s, repo)
+    try:
+        lines = path.read_text().splitlines()
+        path.unlink()
+    except FileNotFoundError:
+        lines = []
+    shown = ", ".join(lines[:5]) + (f", +{len(lines) - 5} more" if len(lines) > 5 else "")
+    return f"unpacked: {len(lines)} image(s) changed" + (f": {shown}" if lines else "")
+
+
+# -- generators ---------------------------------------------------------------------------------
+
+def _txn(repo: str) -> str:
+    return f"_txn:{repo}"
+
+
+def task__txn():
+    """Open a repository's transaction (a setup task: only when something is stale)."""
+    s = current_settings()
+    for repo in sorted({r.cvmfs_repo for r in _recipes_or_none(s)}):
+        yield {"name": repo, "actions": [(begin_transaction, [s, repo])],
+               "doc": f"open the transaction of {repo}"}
+
+
+def _recipes_or_none(s: Settings) -> list[Recipe]:
+    try:
+        return load_recipes(s)
+    except UnpackedError:
+        return []
+
+
+def task_layer():
+    """Download, verify and unpack one layer into .layers/<hex>."""
+    plan = current_plan()
+    s = plan.settings
+    for digest, entry in sorted(plan.layers.items()):
+        repos = sorted(entry["repos"])
+        dirs = [str(s.repo_root / r / ".layers" / _hex(digest)) for r in repos]
+        layer = entry["layer"]
+        yield {"name": _hex(digest),
+               "actions": [(ingest, [s, vars(layer), entry["ref"].url, repos])],
+               "uptodate": [LayerPresent(digest, dirs)],
+               "setup": [_txn(r) for r in repos],
+               "doc": f"{max(layer.size, 0):,} bytes, used by {len(entry['images'])} image(s)",
+               "meta": {"digest": digest, "diff_id": layer.diff_id, "size": layer.size,
+                        "media_type": layer.media_type, "images": entry["images"][:20],
+                        "folders": dirs},
+               "verbosity": 2}
+
+
+def task_flat():
+    """Merge an image's layers into .flat/<config hex>, an Apptainer sandbox."""
+    plan = current_plan()
+    s = plan.settings
+    for config, entry in sorted(plan.flats.items()):
+        resolved: Resolved = entry["resolved"]
+        repos = sorted(entry["repos"])
+        mode = "copy" if s.publisher == "cvmfs" or s.flatten == "copy" else "hardlink"
+        key = hashlib.sha256(json.dumps([config, [x.digest for x in resolved.layers], mode,
+                                         SANDBOX_VERSION]).encode()).hexdigest()
+        dirs = [str(s.repo_root / r / ".flat" / _hex(config)) for r in repos]
+        forced = None
+        for item in entry["images"]:
+            if f"image:{item.name}" not in plan.recorded and \
+                    Path(s.repo_root / item.repo / item.public).is_symlink():
+                forced = f"image:{item.name} was forgotten: rebuilding its flat image"
+                break
+        yield {"name": _hex(config),
+               "actions": [(flatten, [s, entry["name"], repos, key])],
+               "task_dep": [f"layer:{_hex(x.digest)}" for x in resolved.layers],
+               "uptodate": [FlatPresent(key, dirs, forced)],
+               "setup": [_txn(r) for r in repos],
+               "doc": f"{len(resolved.layers)} layers, {len(entry['images'])} image(s)",
+               "meta": {"config": config, "images": [i.name for i in entry["images"]][:20],
+                        "layers": [x.digest for x in resolved.layers], "folders": dirs,
+                        "mode": mode},
+               "verbosity": 2}
+
+
+def task_image():
+    """Write an image's metadata and point its public path at its flat image."""
+    plan = current_plan()
+    s = plan.settings
+    by_name: dict[str, list[ImagePlan]] = {}
+    for item in plan.images:
+        by_name.setdefault(item.name, []).append(item)
+    for name, items in sorted(by_name.items()):
+        first = items[0]
+        meta = {"input": [i.input.written for i in items],
+                "recipe": [f"{i.recipe.path}:{i.input.line}" for i in items],
+                "repository": [i.repo for i in items], "public_path": [i.public for i in items]}
+        if first.failure or first.resolved is None:
+            reason = first.failure or f"{name}: not resolved yet (run doit)"
+            meta["failure"] = reason
+            yield {"name": name, "actions": [(fail, [reason])], "meta": meta,
+                   "doc": "failed to resolve: " + reason, "verbosity": 2}
+            continue
+        resolved = first.resolved
+        targets, checks = [], []
+        for item in items:
+            root = s.repo_root / item.repo
+            wanted = "../" * item.public.count("/") + f".flat/{_hex(resolved.config_digest)}"
+            checks.append((str(root / item.public), wanted,
+                           str(root / ".metadata" / name)))
+            targets.append((item.repo, item.public, item.input.written))
+        meta.update({"tag_digest": resolved.top_digest, "manifest": resolved.manifest_digest,
+                     "config": resolved.config_digest, "platform": resolved.platform,
+                     "layers": [x.digest for x in resolved.layers]})
+        yield {"name": name,
+               "actions": [(link, [s, name, targets])],
+               "task_dep": [f"flat:{_hex(resolved.config_digest)}"],
+               "uptodate": [ImageCurrent(resolved.manifest_digest, checks)],
+               "setup": sorted({_txn(i.repo) for i in items}),
+               "doc": f"{first.input.written} -> {', '.join(i.public for i in items)}",
+               "meta": meta, "verbosity": 2}
+
+
+def task_publish():
+    """Publish each repository's transaction (nothing when the run changed nothing)."""
+    plan = current_plan()
+    s = plan.settings
+    for repo in plan.repos:
+        names = sorted({i.name for i in plan.images if i.repo == repo})
+        marker = s.cache_dir / "transactions" / f"{repo}.json"
+        yield {"name": repo, "actions": [(publish_repo, [s, repo])],
+               "task_dep": [f"image:{n}" for n in names],
+               "uptodate": [TransactionClosed(str(marker))],
+               "doc": f"publish {repo} ({len(names)} images)", "verbosity": 2}
