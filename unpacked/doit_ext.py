@@ -86,7 +86,7 @@ class Reporter(ConsoleReporter):
         self.unchanged: set[str] = set()
         self.failed: dict[str, str] = {}
         self.task_failures: dict[str, str] = {}
-        self.meta: dict[str, dict] = {}
+        self.built: dict[str, int] = {"layer": 0, "flat": 0}
 
     # -- start --------------------------------------------------------------------------------
 
@@ -109,22 +109,30 @@ class Reporter(ConsoleReporter):
             self.unchanged.add(task.name[6:])
 
     def add_success(self, task):
+        values = task.values or {}
+        if values.get("failed"):
+            self._failed_task(task, values["failed"])
+        elif task.name.startswith("image:"):
+            self.changes[task.name[6:]] = values.get("change") or "rewritten"
+        elif task.name.startswith(("layer:", "flat:")):
+            self.built[task.name.partition(":")[0]] += 1
+
+    def _failed_task(self, task, reason: str) -> None:
+        self.task_failures[task.name] = reason
+        meta = task.meta or {}
         if task.name.startswith("image:"):
-            change = (task.values or {}).get("change") or "rewritten"
-            self.changes[task.name[6:]] = change
+            self.failed.setdefault(task.name[6:], reason)
+        for image in meta.get("images", []):
+            self.failed.setdefault(image, reason)
+        if self.interactive:
+            sys.stderr.write(f"FAILED {task.name}: {reason}\n")
 
     def add_failure(self, task, fail):
         if isinstance(fail, UnmetDependency):
             if task.name.startswith("image:"):
                 self.failed.setdefault(task.name[6:], "a layer or flat image it needs failed")
             return                       # a consequence: the cause is reported on its own
-        reason = _task_reason(fail)
-        self.task_failures[task.name] = reason
-        self.meta[task.name] = task.meta or {}
-        if task.name.startswith("image:"):
-            self.failed[task.name[6:]] = reason
-        if self.interactive:
-            sys.stderr.write(f"FAILED {task.name}: {reason}\n")
+        self._failed_task(task, _task_reason(fail))
 
     def runtime_error(self, msg):
         self.runtime_errors.append(msg)
@@ -136,7 +144,6 @@ class Reporter(ConsoleReporter):
             self._close_transactions()
         finally:
             self.run.lock.release()
-        self._attribute_failures()
         self._summary()
         if self.interrupted:
             raise SystemExit(EXIT_SIGNAL.get(self.interrupted, 130))
@@ -161,24 +168,17 @@ class Reporter(ConsoleReporter):
                 sys.stderr.write(f"unpacked: {exc}\n")
                 self.task_failures[f"publish:{publisher.name}"] = str(exc)
 
-    def _attribute_failures(self) -> None:
-        """An image whose layer or flat image failed has failed, for that reason."""
-        for name, reason in self.task_failures.items():
-            if name.startswith(("layer:", "flat:")):
-                for image in self.meta.get(name, {}).get("images", []):
-                    if self.failed.get(image, "").startswith("a layer or flat"):
-                        del self.failed[image]
-                    self.failed.setdefault(image, reason)
-
     def _summary(self) -> None:
         added = sum(1 for c in self.changes.values() if c == "added")
         updated = sum(1 for c in self.changes.values() if c != "added")
         seconds = time.monotonic() - self.started
-        something = added or updated or self.failed or self.interrupted
+        built = self.built["layer"] + self.built["flat"]
+        something = added or updated or built or self.failed or self.interrupted
         if not (something or self.interactive):
             return
         line = (f"unpacked: {added} added, {updated} updated, {len(self.unchanged)} unchanged, "
-                f"{len(self.failed)} failed in {seconds:.1f}s")
+                f"{len(self.failed)} failed ({self.built['layer']} layers ingested, "
+                f"{self.built['flat']} flat images built) in {seconds:.1f}s")
         if self.interrupted:
             line += f"; interrupted by {self.interrupted}, transaction aborted"
         self.write(line + "\n")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from doit import get_var
-from doit.exceptions import TaskFailed
 
 from . import recipe as recipes
 from . import settings as settings_mod
@@ -233,9 +232,13 @@ class TransactionClosed:
 
 # -- actions (module level: picklable for doit -n N) --------------------------------------------
 
-def _failed(exc: UnpackedError) -> TaskFailed:
+def _failed(exc: UnpackedError) -> dict:
+    """A failure that is the image's, not the run's: recorded as a value, so that doit goes
+    on to ``publish`` (what succeeded is published) while the reporter counts it as failed.
+    Every up-to-date check asks for the value of a success, so the task runs again next time.
+    """
     log.error("%s", exc)
-    return TaskFailed(str(exc))
+    return {"failed": str(exc)}
 
 
 def run_resolve(s: Settings) -> dict:
@@ -257,7 +260,7 @@ def run_resolve(s: Settings) -> dict:
             "problems": problems}
 
 
-def begin_transaction(s: Settings, repo: str) -> dict | TaskFailed:
+def begin_transaction(s: Settings, repo: str) -> dict:
     try:
         context(s).publisher(repo).begin()
     except UnpackedError as exc:
@@ -265,7 +268,7 @@ def begin_transaction(s: Settings, repo: str) -> dict | TaskFailed:
     return {}
 
 
-def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict | TaskFailed:
+def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict:
     from .convert import ingest_layer
     from .reference import parse
     from .resolved import Layer
@@ -281,7 +284,7 @@ def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict | 
     return {"digest": item.digest}
 
 
-def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict | TaskFailed:
+def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict:
     from .convert import build_flat
     ctx = context(s)
     resolved = ctx.state.resolved(name, s.platform)
@@ -297,7 +300,7 @@ def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict | TaskFa
     return {"key": key}
 
 
-def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict | TaskFailed:
+def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict:
     """Write metadata and flip the public link in each ``(repo, public path, input)``."""
     from .convert import link_image
     ctx = context(s)
@@ -319,12 +322,12 @@ def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict | 
     return {"manifest": resolved.manifest_digest, "change": changes[0] if changes else ""}
 
 
-def fail(reason: str) -> TaskFailed:
+def fail(reason: str) -> dict:
     """The task of an image that could not be resolved: fails with the registry's reason."""
-    return TaskFailed(reason)
+    return {"failed": reason}
 
 
-def publish_repo(s: Settings, repo: str) -> dict | TaskFailed:
+def publish_repo(s: Settings, repo: str) -> dict:
     try:
         context(s).publisher(repo).publish(run_message(s, repo))
     except UnpackedError as exc:
