@@ -16,6 +16,7 @@ from unpacked.tasks import (  # noqa: F401  (doit finds task_* here)
     task_image,
     task_layer,
     task_publish,
+    task_thin,
 )
 
 log.setup()

@@ -116,3 +116,11 @@ def test_missing_path_and_empty_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(RecipeError, match="no \\*.yaml recipe"):
         recipe.load(empty)
+
+
+def test_output_format_must_give_a_reference(tmp_path):
+    text = swap("'$(scheme)://registry.gitlab.cern.ch/thin/$(image)'", "'$(scheme)://$(digest)'")
+    with pytest.raises(RecipeError) as exc:
+        recipe.load(write(tmp_path, text))
+    assert any(x.startswith(f"{tmp_path / 'r.yaml'}:4: output_format: gives 'https://'")
+               for x in exc.value.lines)

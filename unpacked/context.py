@@ -23,6 +23,8 @@ class Context:
     _client: object = None
     _state: State | None = None
     _publishers: dict[str, Publisher] = field(default_factory=dict)
+    _pushers: dict[str | None, object] = field(default_factory=dict)
+    denied: dict[str, str] = field(default_factory=dict)     # output host -> why pushes fail
 
     @property
     def client(self):
@@ -39,6 +41,26 @@ class Context:
         if self._state is None:
             self._state = State(self.settings.cache_dir)
         return self._state
+
+    def pusher(self, user: str | None):
+        """A client for thin-image pushes: the recipe's user with DUCC_OUTPUT_REGISTRY_PASS,
+        else the Docker/Podman credential files."""
+        if user not in self._pushers:
+            from .registry.auth import Credential, find_credential
+            from .registry.client import RegistryClient
+            from .registry.retry import RetryPolicy
+            from .thin import password
+            secret = password()
+
+            def credentials(host: str):
+                if user and secret:
+                    return Credential(user, secret)
+                return find_credential(host)
+            s = self.settings
+            policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
+            self._pushers[user] = RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout,
+                                                 credentials=credentials)
+        return self._pushers[user]
 
     def publisher(self, repo: str) -> Publisher:
         if repo not in self._publishers:

@@ -87,6 +87,8 @@ class Reporter(ConsoleReporter):
         self.failed: dict[str, str] = {}
         self.task_failures: dict[str, str] = {}
         self.built: dict[str, int] = {"layer": 0, "flat": 0}
+        self.thin_pushed = 0
+        self.thin_failed: dict[str, str] = {}
 
     # -- start --------------------------------------------------------------------------------
 
@@ -116,9 +118,14 @@ class Reporter(ConsoleReporter):
             self.changes[task.name[6:]] = values.get("change") or "rewritten"
         elif task.name.startswith(("layer:", "flat:")):
             self.built[task.name.partition(":")[0]] += 1
+        elif task.name.startswith("thin:"):
+            self.thin_pushed += len(values.get("pushed") or [])
 
     def _failed_task(self, task, reason: str) -> None:
         self.task_failures[task.name] = reason
+        if task.name.startswith("thin:"):
+            self.thin_failed[task.name[5:]] = reason
+            return
         meta = task.meta or {}
         if task.name.startswith("image:"):
             self.failed.setdefault(task.name[6:], reason)
@@ -151,7 +158,7 @@ class Reporter(ConsoleReporter):
             for line in self.runtime_errors:
                 sys.stderr.write(f"unpacked: {line}\n")
             raise SystemExit(EXIT_SETUP)
-        if self.failed or self.task_failures:
+        if self.failed or self.task_failures or self.thin_failed:
             raise SystemExit(EXIT_FAILED)
 
     def _close_transactions(self) -> None:
@@ -173,7 +180,8 @@ class Reporter(ConsoleReporter):
         updated = sum(1 for c in self.changes.values() if c != "added")
         seconds = time.monotonic() - self.started
         built = self.built["layer"] + self.built["flat"]
-        something = added or updated or built or self.failed or self.interrupted
+        something = (added or updated or built or self.failed or self.interrupted
+                     or self.thin_pushed or self.thin_failed)
         if not (something or self.interactive):
             return
         line = (f"unpacked: {added} added, {updated} updated, {len(self.unchanged)} unchanged, "
@@ -184,6 +192,14 @@ class Reporter(ConsoleReporter):
         self.write(line + "\n")
         for name, reason in sorted(self.failed.items()):
             self.write(f"  failed {name}: {reason}\n")
+        if self.thin_pushed or self.thin_failed:
+            self.write(f"thin images: {self.thin_pushed} pushed, {len(self.thin_failed)} failed\n")
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in self.thin_failed.items():
+                by_reason.setdefault(reason, []).append(name)
+            for reason, names in sorted(by_reason.items()):
+                more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+                self.write(f"  failed thin {sorted(names)[0]}{more}: {reason}\n")
 
 
 class Run:
@@ -239,6 +255,7 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
     run = Run(lock)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, run.on_signal)
+    check_push_credentials(settings)
     try:
         for publisher in publishers(settings):
             publisher.recover()
@@ -257,6 +274,25 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
     return run
 
 
+def check_push_credentials(settings: Settings) -> None:
+    """Say once, at the start, when a recipe pushes thin images with no credentials at all."""
+    from .recipe import load
+    from .reference import parse
+    from .registry.auth import find_credential
+    from .thin import PASSWORD_ENV, password
+    warned = set()
+    for recipe in load(settings.recipe_path):
+        if not recipe.output_format or not recipe.inputs:
+            continue
+        host = parse(recipe.output_of(recipe.inputs[0].ref)).api_host
+        if (recipe.user and password()) or find_credential(host) or (recipe.path, host) in warned:
+            continue
+        warned.add((recipe.path, host))
+        log.warning("%s: thin images go to %s but no credentials are set (%s for user %s, or "
+                    "a Docker config entry for %s); pushes will be tried anonymously",
+                    recipe.path, host, PASSWORD_ENV, recipe.user, host)
+
+
 def doit_config(settings: Settings) -> dict:
     """DOIT_CONFIG for dodo.py: sqlite3 state in cache/, our reporter, keep going on failures."""
     jobs = settings.jobs or default_jobs()
@@ -264,7 +300,7 @@ def doit_config(settings: Settings) -> dict:
     return {
         "backend": "sqlite3",
         "dep_file": str(settings.cache_dir / "doit.sqlite"),
-        "default_tasks": ["publish"],
+        "default_tasks": ["publish", "thin"],
         "reporter": Reporter,
         "continue": True,
         "num_process": jobs if jobs > 1 else 0,

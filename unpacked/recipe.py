@@ -99,6 +99,19 @@ def _check_public_path(errors: _Collector, node: yaml.Node, template: str, ref: 
         errors.add(node, "public_path", f"gives {path!r}: {parts[0]} is reserved")
 
 
+def _check_output(errors: _Collector, node: yaml.Node, template: str, ref: ImageRef) -> None:
+    if ref.is_wildcard:
+        ref = ref.with_tag("expanded")      # each expanded tag replaces the wildcard
+    out = reference.format_template(template, ref)
+    try:
+        parsed = reference.parse(out)
+    except BadReference as exc:
+        errors.add(node, "output_format", f"gives {out!r} for {ref}: {exc}")
+        return
+    if parsed.is_wildcard:
+        errors.add(node, "output_format", f"gives the wildcard {out!r} for {ref}")
+
+
 def parse_recipe(path: Path, text: str) -> Recipe:
     """Validate one recipe's text; raise RecipeError listing every problem found."""
     errors = _Collector(path)
@@ -160,8 +173,9 @@ def parse_recipe(path: Path, text: str) -> Recipe:
             errors.add(node, "cvmfs_repo", f"must be a repository name like unpacked.cern.ch, "
                        f"got {cvmfs_repo!r}")
             cvmfs_repo = None
-    output_format = None
+    output_format = output_node = None
     if got := scalar("output_format"):
+        output_node = got[0]
         output_format = _check_template(errors, got[0], "output_format", got[1])
         if output_format and user is None and "user" not in values:
             errors.add(got[0], "user", "missing key (output_format pushes thin images as user)")
@@ -196,6 +210,8 @@ def parse_recipe(path: Path, text: str) -> Recipe:
                     continue
                 seen[ref.name] = line
                 _check_public_path(errors, public_node or item, public_path, ref)
+                if output_format and output_node is not None:
+                    _check_output(errors, output_node, output_format, ref)
                 inputs.append(Input(ref, written, line))
     if errors.lines:
         raise RecipeError(errors.lines)

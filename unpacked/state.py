@@ -42,6 +42,13 @@ class State:
     def put_tags(self, name: str, tags: list[str]) -> None:
         self.cache.set(self._key("tags", name), list(tags))
 
+    def blob_home(self, registry: str, digest: str) -> str | None:
+        """A repository of ``registry`` we pushed ``digest`` to (for cross-repo mounts)."""
+        return self.cache.get(self._key("blob", registry, digest))
+
+    def put_blob_home(self, registry: str, digest: str, repository: str) -> None:
+        self.cache.set(self._key("blob", registry, digest), repository)
+
     def failure(self, name: str) -> str | None:
         return self.cache.get(self._key("failure", name))
 

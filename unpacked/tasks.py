@@ -23,7 +23,7 @@ from doit import get_var
 from . import recipe as recipes
 from . import settings as settings_mod
 from .context import context
-from .errors import UnpackedError
+from .errors import Unauthorized, UnpackedError
 from .recipe import Input, Recipe
 from .reference import ImageRef
 from .resolve import expand
@@ -216,6 +216,21 @@ class ImageCurrent:
         return f"ImageCurrent({self.why})"
 
 
+class ThinPushed:
+    """Up to date when this exact thin image (same bytes, same destination) was pushed."""
+
+    def __init__(self, key: str):
+        self.key, self.why = key, "not checked"
+
+    def __call__(self, task, values) -> bool:
+        ok = values.get("key") == self.key
+        self.why = "pushed" if ok else "not pushed in this form yet (new, changed, or forgotten)"
+        return ok
+
+    def __repr__(self) -> str:
+        return f"ThinPushed({self.why})"
+
+
 class TransactionClosed:
     """``publish`` has nothing to do unless this run opened the repository's transaction."""
 
@@ -325,6 +340,50 @@ def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict:
 def fail(reason: str) -> dict:
     """The task of an image that could not be resolved: fails with the registry's reason."""
     return {"failed": reason}
+
+
+def push_thin(s: Settings, name: str, targets: list[tuple[str, str, str, str | None]],
+              key: str) -> dict:
+    """Push the thin image of ``name`` for each ``(repo, origin, output, user)``."""
+    from . import thin
+    from .reference import parse
+    ctx = context(s)
+    resolved = ctx.state.resolved(name, s.platform)
+    pushed = []
+    try:
+        if resolved is None:
+            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        for repo, origin, output, user in targets:
+            publisher = ctx.publisher(repo)
+            if publisher.is_open():
+                raise UnpackedError(f"{name}: {repo} is not published yet; thin image not "
+                                    "pushed (it would name paths clients cannot see)")
+            repository = publisher.repository()
+            missing = [x.digest for x in resolved.layers if not repository.has_layer(x.digest)]
+            if missing:
+                raise UnpackedError(f"{name}: layers missing in {repo}: {', '.join(missing)}")
+            out = parse(output)
+            if out.api_host in ctx.denied:
+                raise UnpackedError(ctx.denied[out.api_host])
+            image = thin.build(origin, repo, resolved)
+            home = ctx.state.blob_home(out.api_host, thin.sha(image.layer))
+            mount = home if home and home != out.repository else None
+            try:
+                thin.push(ctx.pusher(user), out, image, mount)
+            except Unauthorized as exc:
+                who = f"user {user} with {thin.PASSWORD_ENV}" if user and thin.password() \
+                    else "the Docker config's credentials, or none"
+                ctx.denied[out.api_host] = (f"unauthorized for {out.registry}: pushing thin "
+                                            f"images as {who} was refused ({exc.status} "
+                                            f"{exc.code or ''})".replace(" )", ")"))
+                raise UnpackedError(ctx.denied[out.api_host]) from None
+            for blob in (image.layer, image.config):
+                ctx.state.put_blob_home(out.api_host, thin.sha(blob), out.repository)
+            log.info("pushed thin image %s (%s)", output, image.digest[7:19])
+            pushed.append(output)
+    except UnpackedError as exc:
+        return _failed(exc)
+    return {"key": key, "pushed": pushed}
 
 
 def publish_repo(s: Settings, repo: str) -> dict:
@@ -476,3 +535,28 @@ def task_publish():
                "task_dep": [f"image:{n}" for n in names],
                "uptodate": [TransactionClosed(str(marker))],
                "doc": f"publish {repo} ({len(names)} images)", "verbosity": 2}
+
+
+def task_thin():
+    """Push thin images (thin.json naming CVMFS paths) for recipes with output_format."""
+    from . import thin
+    plan = current_plan()
+    s = plan.settings
+    by_name: dict[str, list[ImagePlan]] = {}
+    for item in plan.images:
+        if item.recipe.output_format and item.resolved is not None and not item.failure:
+            by_name.setdefault(item.name, []).append(item)
+    for name, items in sorted(by_name.items()):
+        resolved = items[0].resolved
+        targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
+                   for i in items]
+        key = hashlib.sha256(json.dumps(
+            [thin.key(origin, repo, output, resolved) for repo, origin, output, _ in targets]
+        ).encode()).hexdigest()
+        yield {"name": name,
+               "actions": [(push_thin, [s, name, targets, key])],
+               "task_dep": sorted({f"publish:{i.repo}" for i in items}) + [f"image:{name}"],
+               "uptodate": [ThinPushed(key)],
+               "doc": ", ".join(t[2] for t in targets),
+               "meta": {"output": [t[2] for t in targets], "images": [name]},
+               "verbosity": 2}

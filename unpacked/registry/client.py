@@ -244,6 +244,45 @@ class RegistryClient:
         return tags
 
 
+    # -- pushes -------------------------------------------------------------------------------
+
+    def has_blob(self, ref: ImageRef, digest: str) -> bool:
+        resp = self.request("HEAD", ref, f"blobs/{digest}", f"blob {digest} of {ref}",
+                            ok=(200, 404))
+        resp.close()
+        return resp.status_code == 200
+
+    def push_blob(self, ref: ImageRef, data: bytes, digest: str,
+                  mount_from: str | None = None) -> str:
+        """Put one blob: skipped if present, mounted from ``mount_from`` if possible, else
+        uploaded in one request. Returns how: ``present``, ``mounted`` or ``uploaded``."""
+        what = f"push of blob {digest} to {ref.registry}/{ref.repository}"
+        if self.has_blob(ref, digest):
+            return "present"
+        query = f"?mount={digest}&from={mount_from}" if mount_from else ""
+        resp = self.request("POST", ref, f"blobs/uploads/{query}", what, ok=(201, 202),
+                            headers={"Content-Length": "0"})
+        resp.close()
+        if resp.status_code == 201:
+            return "mounted"
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{what}: the registry gave no upload location")
+        url = urljoin(f"{ref.base_url}/v2/{ref.repository}/blobs/uploads/", location)
+        url += ("&" if "?" in url else "?") + f"digest={digest}"
+        done = self.request("PUT", ref, "", what, url=url, data=data, ok=(201,),
+                            headers={"Content-Type": "application/octet-stream"})
+        done.close()
+        return "uploaded"
+
+    def put_manifest(self, ref: ImageRef, reference: str, body: bytes, media_type: str) -> str:
+        what = f"push of manifest {ref.registry}/{ref.repository}:{reference}"
+        resp = self.request("PUT", ref, f"manifests/{reference}", what, data=body, ok=(201,),
+                            headers={"Content-Type": media_type})
+        resp.close()
+        return resp.headers.get("Docker-Content-Digest", "")
+
+
 class BlobStream(io.RawIOBase):
     """Reads one blob, resuming a dropped connection with ``Range``; verifies at EOF.
 
