@@ -13,6 +13,7 @@ from unpacked.tasks import (  # noqa: F401  (doit finds task_* here)
     current_settings,
     task__txn,
     task_flat,
+    task_gc,
     task_image,
     task_layer,
     task_publish,

@@ -182,6 +182,18 @@ class Registry:
             s.put(f"http://{self.host}/v2/{repo}/manifests/{tag}", data=r.content,
                   headers=put_headers).raise_for_status()
 
+    def delete_tag(self, repo: str, tag: str) -> None:
+        """Remove a tag upstream (deleting its manifest), as a registry admin would."""
+        s = self.session()
+        accept = ("application/vnd.oci.image.manifest.v1+json, "
+                  "application/vnd.oci.image.index.v1+json")
+        headers = {"Accept": accept, **self.token_for(repo)}
+        r = s.head(f"http://{self.host}/v2/{repo}/manifests/{tag}", headers=headers)
+        r.raise_for_status()
+        digest = r.headers["Docker-Content-Digest"]
+        s.delete(f"http://{self.host}/v2/{repo}/manifests/{digest}",
+                 headers=self.token_for(repo)).raise_for_status()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -90,6 +90,35 @@ def manifest(image: str, platform: str | None, as_json: bool) -> None:
             click.echo(f"{key.lower() + ':':<11}{json.dumps(cfg[key])}")
 
 
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would go, and why (the default).")
+def gc_command(dry_run: bool) -> None:
+    """List what garbage collection deletes next run, what is pending and what waits.
+
+    Deleting happens inside a transaction: `doit` (when the gc setting is on) or `doit gc`.
+    """
+    from . import gc
+    from .tasks import build_plan, gc_plan
+    s = _settings()
+    plan = build_plan(s)
+    now = s.clock()
+    for repo in plan.repos:
+        result = gc_plan(plan, repo, save=True)
+        click.echo(f"{repo}: {len(result.due)} to delete, {len(result.pending)} pending (limit "
+                   f"{s.gc_max_deletions} a run), {len(result.waiting)} in their grace period")
+        for c in result.due:
+            click.echo(f"  delete  {gc.describe(c, now)}")
+        for c in result.pending:
+            click.echo(f"  pending {gc.describe(c, now)}")
+        for c in result.waiting:
+            days = (c.due - now) / gc.DAY
+            click.echo(f"  waiting {gc.describe(c, now)}; due in {days:.1f} days")
+        for name in result.gone:
+            click.echo(f"  gone    {name}: gone upstream, kept (gc_prune_gone=1 removes it)")
+    if not dry_run:
+        click.echo("(nothing was deleted: `doit gc` deletes inside a transaction)")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -89,12 +89,15 @@ class Reporter(ConsoleReporter):
         self.built: dict[str, int] = {"layer": 0, "flat": 0}
         self.thin_pushed = 0
         self.thin_failed: dict[str, str] = {}
+        self.gc: dict[str, list[str]] = {"deleted": [], "pending": [], "errors": []}
+        self.task_names: set[str] = set()
 
     # -- start --------------------------------------------------------------------------------
 
     def initialize(self, tasks, selected_tasks):
         if self.run is None:      # doit run programmatically without prepare_run: do it now
             self.run = prepare_run(self.settings, resolve=False)
+        self.task_names = set(tasks)
 
     @property
     def interrupted(self) -> str | None:
@@ -120,6 +123,16 @@ class Reporter(ConsoleReporter):
             self.built[task.name.partition(":")[0]] += 1
         elif task.name.startswith("thin:"):
             self.thin_pushed += len(values.get("pushed") or [])
+        elif task.name.startswith("publish:"):
+            for error in values.get("errors") or []:
+                self.task_failures[f"{task.name}:{len(self.task_failures)}"] = error
+                self.gc["errors"].append(error)
+        elif task.name.startswith("gc:"):
+            self.gc["deleted"] += values.get("deleted") or []
+            self.gc["pending"] += values.get("pending") or []
+            for error in values.get("errors") or []:
+                self.task_failures[f"{task.name}:{len(self.task_failures)}"] = error
+                self.gc["errors"].append(error)
 
     def _failed_task(self, task, reason: str) -> None:
         self.task_failures[task.name] = reason
@@ -149,6 +162,8 @@ class Reporter(ConsoleReporter):
     def complete_run(self):
         try:
             self._close_transactions()
+            if self.settings.gc and not self.interrupted:
+                prune_task_rows(self.settings, self.task_names)
         finally:
             self.run.lock.release()
         self._summary()
@@ -171,6 +186,9 @@ class Reporter(ConsoleReporter):
                     publisher.abort()
                 else:
                     publisher.publish(run_message(self.settings, publisher.name))
+                    for error in publisher.leftovers:
+                        self.task_failures[f"publish:{len(self.task_failures)}"] = error
+                        self.gc["errors"].append(error)
             except UnpackedError as exc:
                 sys.stderr.write(f"unpacked: {exc}\n")
                 self.task_failures[f"publish:{publisher.name}"] = str(exc)
@@ -180,8 +198,9 @@ class Reporter(ConsoleReporter):
         updated = sum(1 for c in self.changes.values() if c != "added")
         seconds = time.monotonic() - self.started
         built = self.built["layer"] + self.built["flat"]
+        gc = self.gc
         something = (added or updated or built or self.failed or self.interrupted
-                     or self.thin_pushed or self.thin_failed)
+                     or self.thin_pushed or self.thin_failed or any(gc.values()))
         if not (something or self.interactive):
             return
         line = (f"unpacked: {added} added, {updated} updated, {len(self.unchanged)} unchanged, "
@@ -192,6 +211,17 @@ class Reporter(ConsoleReporter):
         self.write(line + "\n")
         for name, reason in sorted(self.failed.items()):
             self.write(f"  failed {name}: {reason}\n")
+        if any(gc.values()):
+            self.write(f"gc: {len(gc['deleted'])} deleted, {len(gc['pending'])} pending, "
+                       f"{len(gc['errors'])} failed\n")
+            for line in gc["deleted"]:
+                self.write(f"  deleted {line}\n")
+            for line in gc["pending"][:10]:
+                self.write(f"  pending {line}\n")
+            if len(gc["pending"]) > 10:
+                self.write(f"  pending: {len(gc['pending']) - 10} more\n")
+            for line in gc["errors"]:
+                self.write(f"  failed {line}\n")
         if self.thin_pushed or self.thin_failed:
             self.write(f"thin images: {self.thin_pushed} pushed, {len(self.thin_failed)} failed\n")
             by_reason: dict[str, list[str]] = {}
@@ -262,6 +292,7 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
         if resolve:
             from .tasks import run_resolve
             run_resolve(settings)
+            start_gc_clocks(settings)
     except UnpackedError as exc:
         sys.stderr.write(f"unpacked: {exc}\n")
         lock.release()
@@ -272,6 +303,28 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
         raise SystemExit(EXIT_SIGNAL.get(run.interrupted, 130)) from None
     RUN = run
     return run
+
+
+def start_gc_clocks(settings: Settings) -> None:
+    """Record, for each repository, what lost its last reference (and say what is gone)."""
+    from .tasks import current_plan, gc_plan
+    plan = current_plan()
+    for repo in plan.repos:
+        result = gc_plan(plan, repo, save=True)
+        for name in result.gone:
+            log.warning("%s: %s is gone upstream; kept (gc_prune_gone=1 removes it)", repo, name)
+
+
+def prune_task_rows(settings: Settings, names: set[str]) -> int:
+    """Delete doit's rows of tasks that no longer exist (doit never does)."""
+    import sqlite3
+    path = settings.cache_dir / "doit.sqlite"
+    if not path.exists() or not names:
+        return 0
+    with sqlite3.connect(path) as db:
+        stale = [r[0] for r in db.execute("select task_id from doit") if r[0] not in names]
+        db.executemany("delete from doit where task_id = ?", [(n,) for n in stale])
+    return len(stale)
 
 
 def check_push_credentials(settings: Settings) -> None:

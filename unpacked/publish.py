@@ -35,6 +35,7 @@ class Publisher:
     def __init__(self, name: str, root: Path, cache_dir: Path):
         self.name = name
         self.root = root
+        self.leftovers: list[str] = []     # what the last publish could not clean up
         self.marker = cache_dir / "transactions" / f"{name}.json"
 
     # -- the interface ------------------------------------------------------------------------
@@ -90,6 +91,20 @@ class Publisher:
 
     def _publish(self, message: str) -> None:
         raise NotImplementedError
+
+    def _drop_backups(self) -> list[str]:
+        """What the transaction replaced or deleted goes now; what resists is reported and
+        stays in ``.unpacked/backup`` for the next publish to retry."""
+        leftovers = []
+        if not self.backups.is_dir():
+            return leftovers
+        for entry in os.scandir(self.backups):
+            try:
+                remove_tree(Path(entry.path))
+            except OSError as exc:
+                leftovers.append(f"could not delete {entry.path}: {exc.strerror or exc}")
+                log.error("%s: %s", self.name, leftovers[-1])
+        return leftovers
 
     def _abort(self) -> None:
         raise NotImplementedError
@@ -150,7 +165,7 @@ class LocalPublisher(Publisher):
         return entries
 
     def _publish(self, message: str) -> None:
-        remove_tree(self.backups)
+        self.leftovers = self._drop_backups()
         self.journal.unlink(missing_ok=True)
         state = self.meta / "published.json"
         try:
@@ -160,13 +175,28 @@ class LocalPublisher(Publisher):
         write_atomic(state, json.dumps({"revision": revision + 1, "time": time.time(),
                                         "message": message}).encode())
 
+    def _drop_backups(self) -> list[str]:
+        """What the transaction replaced or deleted goes now; what resists is reported and
+        stays in ``.unpacked/backup`` for the next publish to retry."""
+        leftovers = []
+        if not self.backups.is_dir():
+            return leftovers
+        for entry in os.scandir(self.backups):
+            try:
+                remove_tree(Path(entry.path))
+            except OSError as exc:
+                leftovers.append(f"could not delete {entry.path}: {exc.strerror or exc}")
+                log.error("%s: %s", self.name, leftovers[-1])
+        return leftovers
+
     def _abort(self) -> None:
         for entry in reversed(self._entries()):
             final = Path(entry["path"])
             remove_tree(final)
             if entry.get("backup") and os.path.lexists(entry["backup"]):
+                final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(entry["backup"], final)
-        remove_tree(self.backups)
+        self._drop_backups()
         self.journal.unlink(missing_ok=True)
         self.clean()
 
@@ -215,6 +245,20 @@ class CvmfsPublisher(Publisher):
             log.error("%s: publish failed, aborting the transaction", self.name)
             self._run("abort", "-f", self.name)
             raise
+
+    def _drop_backups(self) -> list[str]:
+        """What the transaction replaced or deleted goes now; what resists is reported and
+        stays in ``.unpacked/backup`` for the next publish to retry."""
+        leftovers = []
+        if not self.backups.is_dir():
+            return leftovers
+        for entry in os.scandir(self.backups):
+            try:
+                remove_tree(Path(entry.path))
+            except OSError as exc:
+                leftovers.append(f"could not delete {entry.path}: {exc.strerror or exc}")
+                log.error("%s: %s", self.name, leftovers[-1])
+        return leftovers
 
     def _abort(self) -> None:
         self._run("abort", "-f", self.name)

@@ -112,6 +112,9 @@ class Repository:
         """``.metadata/<name>/``: the exact manifest and config bytes and a summary, whole."""
         final = self.metadata_dir(name)
         self.safe_parent(str(final.relative_to(self.root)))
+        old = read_json(final / "image.json")
+        if old and old.get("config_digest") != summary.get("config_digest"):
+            summary = dict(summary, previous_layers=old.get("layers", []))   # for thin images
         temp = temp_sibling(final)
         try:
             (temp / "manifest.json").write_bytes(manifest)
@@ -137,3 +140,10 @@ class Repository:
             self.guard(path)
         symlink_atomic(target, path)
         return True
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -13,7 +13,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .errors import UnpackedError
+from .errors import NotFound, UnpackedError
 from .recipe import Input, Recipe
 from .reference import ImageRef
 from .registry.client import RegistryClient
@@ -92,7 +92,8 @@ class Resolver:
             with self._limit(wanted.ref.api_host):
                 resolved = self.client.resolve(wanted.ref, self.platform, known)
         except UnpackedError as exc:
-            self.state.put_failure(wanted.name, str(exc))
+            gone = isinstance(exc, NotFound) and exc.status == 404
+            self.state.put_failure(wanted.name, str(exc), gone=gone)
             return Outcome(wanted, known, str(exc))
         changed = known is None or known.manifest_digest != resolved.manifest_digest
         if resolved is not known:

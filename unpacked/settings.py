@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +31,15 @@ class Settings:
     cvmfs_server: str = "cvmfs_server"  # the command the cvmfs publisher runs
     cvmfs_spool: Path = Path("/var/spool/cvmfs")   # where cvmfs_server keeps its locks
     jobs: int = 0                       # doit processes; 0: chosen for this machine
+    gc: bool = True                     # a bare doit also collects garbage
+    gc_grace: float = 7.0               # days an unreferenced flat image or layer is kept
+    gc_image_grace: float = 0.0         # days a dropped image keeps its public path
+    gc_max_deletions: int = 50          # deletions per run, oldest first
+    gc_prune_gone: bool = False         # remove images whose tag is gone upstream
+    now: float = 0.0                    # the clock of garbage collection (tests); 0: real time
+
+    def clock(self) -> float:
+        return self.now or time.time()
 
     @property
     def recipe_path(self) -> Path:

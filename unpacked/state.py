@@ -52,9 +52,19 @@ class State:
     def failure(self, name: str) -> str | None:
         return self.cache.get(self._key("failure", name))
 
-    def put_failure(self, name: str, reason: str | None) -> None:
-        key = self._key("failure", name)
+    def put_failure(self, name: str, reason: str | None, gone: bool = False) -> None:
+        """Record why ``name`` failed to resolve (None: it resolved); ``gone``: a 404."""
+        key, gone_key = self._key("failure", name), self._key("gone", name)
         if reason is None:
             self.cache.delete(key)
+            self.cache.delete(gone_key)
+            return
+        self.cache.set(key, reason)
+        if gone:
+            self.cache.set(gone_key, True)
         else:
-            self.cache.set(key, reason)
+            self.cache.delete(gone_key)
+
+    def gone(self, name: str) -> bool:
+        """The registry answered 404 for ``name`` at its last resolve: gone upstream."""
+        return bool(self.cache.get(self._key("gone", name)))

@@ -80,23 +80,30 @@ class Plan:
     layers: dict[str, dict] = field(default_factory=dict)     # digest -> info
     flats: dict[str, dict] = field(default_factory=dict)      # config digest -> info
     repos: list[str] = field(default_factory=list)
-    recorded: set[str] = field(default_factory=set)           # task ids in doit's database
+    recipes: list[Recipe] = field(default_factory=list)
+    recorded: dict[str, dict] = field(default_factory=dict)   # task id -> values, doit's DB
 
 
 def load_recipes(s: Settings) -> list[Recipe]:
     return recipes.load(s.recipe_path)
 
 
-def recorded_tasks(s: Settings) -> set[str]:
-    """Task ids doit has recorded as done (to notice ``doit forget image:...``)."""
+def recorded_tasks(s: Settings) -> dict[str, dict]:
+    """Tasks doit has recorded as done, with their saved values (one query, read-only)."""
     path = s.cache_dir / "doit.sqlite"
     if not path.exists():
-        return set()
+        return {}
+    out = {}
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            return {row[0] for row in db.execute("select task_id from doit")}
+            for task_id, data in db.execute("select task_id, task_data from doit"):
+                try:
+                    out[task_id] = json.loads(data).get("_values_:") or {}
+                except (ValueError, AttributeError):
+                    out[task_id] = {}
     except sqlite3.Error:
-        return set()
+        return {}
+    return out
 
 
 def build_plan(s: Settings) -> Plan:
@@ -104,6 +111,7 @@ def build_plan(s: Settings) -> Plan:
     loaded = load_recipes(s)
     state = context(s).state
     plan.repos = sorted({r.cvmfs_repo for r in loaded})
+    plan.recipes = loaded
     plan.recorded = recorded_tasks(s)
     for wanted in expand(loaded, state):
         resolved = state.resolved(wanted.name, s.platform)
@@ -387,11 +395,12 @@ def push_thin(s: Settings, name: str, targets: list[tuple[str, str, str, str | N
 
 
 def publish_repo(s: Settings, repo: str) -> dict:
+    publisher = context(s).publisher(repo)
     try:
-        context(s).publisher(repo).publish(run_message(s, repo))
+        publisher.publish(run_message(s, repo))
     except UnpackedError as exc:
         return _failed(exc)
-    return {}
+    return {"errors": publisher.leftovers}
 
 
 def _changes_file(s: Settings, repo: str) -> Path:
@@ -531,15 +540,27 @@ def task_publish():
     for repo in plan.repos:
         names = sorted({i.name for i in plan.images if i.repo == repo})
         marker = s.cache_dir / "transactions" / f"{repo}.json"
+        gc_dep = [f"gc:{repo}"] if s.gc else []
         yield {"name": repo, "actions": [(publish_repo, [s, repo])],
-               "task_dep": [f"image:{n}" for n in names],
+               "task_dep": [f"image:{n}" for n in names] + gc_dep,
                "uptodate": [TransactionClosed(str(marker))],
                "doc": f"publish {repo} ({len(names)} images)", "verbosity": 2}
 
 
+def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
+    """Where an image's thin images go, and the key that says they are pushed as they are."""
+    from . import thin
+    resolved = items[0].resolved
+    targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
+               for i in items if i.recipe.output_format]
+    key = hashlib.sha256(json.dumps(
+        [thin.key(origin, repo, output, resolved) for repo, origin, output, _ in targets]
+    ).encode()).hexdigest()
+    return targets, key
+
+
 def task_thin():
     """Push thin images (thin.json naming CVMFS paths) for recipes with output_format."""
-    from . import thin
     plan = current_plan()
     s = plan.settings
     by_name: dict[str, list[ImagePlan]] = {}
@@ -547,12 +568,7 @@ def task_thin():
         if item.recipe.output_format and item.resolved is not None and not item.failure:
             by_name.setdefault(item.name, []).append(item)
     for name, items in sorted(by_name.items()):
-        resolved = items[0].resolved
-        targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
-                   for i in items]
-        key = hashlib.sha256(json.dumps(
-            [thin.key(origin, repo, output, resolved) for repo, origin, output, _ in targets]
-        ).encode()).hexdigest()
+        targets, key = thin_targets(items)
         yield {"name": name,
                "actions": [(push_thin, [s, name, targets, key])],
                "task_dep": sorted({f"publish:{i.repo}" for i in items}) + [f"image:{name}"],
@@ -560,3 +576,106 @@ def task_thin():
                "doc": ", ".join(t[2] for t in targets),
                "meta": {"output": [t[2] for t in targets], "images": [name]},
                "verbosity": 2}
+
+
+# -- garbage collection -------------------------------------------------------------------------
+
+def gc_wants(plan: Plan, repo: str):
+    """What the recipes want kept in ``repo``, from the plan (offline)."""
+    from . import gc
+    state = context(plan.settings).state
+    wants = gc.Wants()
+    for r in plan.recipes:
+        if r.cvmfs_repo == repo:
+            wants.wildcards += [(i.ref.registry, i.ref.repository, i.ref.tag)
+                                for i in r.inputs if i.ref.is_wildcard]
+    by_name: dict[str, list[ImagePlan]] = {}
+    for item in plan.images:
+        if item.repo != repo:
+            continue
+        by_name.setdefault(item.name, []).append(item)
+        wants.names.add(item.name)
+        if state.gone(item.name):
+            wants.gone.add(item.name)
+        if item.resolved is not None:
+            wants.flats.add(item.resolved.config_digest)
+            wants.layers.update(x.digest for x in item.resolved.layers)
+    for name, items in by_name.items():
+        if items[0].resolved is None or not any(i.recipe.output_format for i in items):
+            continue
+        _, key = thin_targets(items)
+        if plan.recorded.get(f"thin:{name}", {}).get("key") != key:
+            wants.thin_pending.add(name)
+    return wants
+
+
+def gc_plan(plan: Plan, repo: str, save: bool):
+    """The garbage collection of ``repo`` now; ``save`` records the clocks."""
+    from . import gc
+    s = plan.settings
+    clocks_file = gc.Clocks(s.cache_dir, repo)
+    clocks = clocks_file.load()
+    result = gc.compute(context(s).publisher(repo).repository(), repo, gc_wants(plan, repo),
+                        clocks, s.clock(), s.gc_grace, s.gc_image_grace, s.gc_max_deletions,
+                        s.gc_prune_gone)
+    if save:
+        clocks_file.save(clocks)
+    return result
+
+
+class NothingDue:
+    """``gc:<repo>`` is up to date when nothing is due for deletion (no transaction then)."""
+
+    def __init__(self, repo: str):
+        self.repo, self.why = repo, "not checked"
+
+    def __call__(self, task, values) -> bool:
+        try:
+            result = gc_plan(current_plan(), self.repo, save=False)
+        except (OSError, UnpackedError) as exc:
+            self.why = f"cannot plan: {exc}"
+            return True
+        self.why = (f"{len(result.due)} due, {len(result.pending)} pending, "
+                    f"{len(result.waiting)} in their grace period")
+        return not result.due
+
+    def __repr__(self) -> str:
+        return f"NothingDue({self.why})"
+
+
+def run_gc(s: Settings, repo: str) -> dict:
+    """Delete what is due (oldest first, at most gc_max_deletions) inside the transaction."""
+    from . import gc
+    plan = current_plan()
+    result = gc_plan(plan, repo, save=False)
+    repository = context(s).publisher(repo).repository()
+    clocks_file = gc.Clocks(s.cache_dir, repo)
+    clocks = clocks_file.load()
+    deleted, errors = [], []
+    now = s.clock()
+    for c in result.due:
+        try:
+            gc.delete(repository, c)
+        except (OSError, UnpackedError) as exc:
+            errors.append(f"{gc.describe(c, now)}: not deleted: {exc}")
+            log.error("%s", errors[-1])
+            continue
+        clocks.pop(c.key, None)
+        deleted.append(gc.describe(c, now))
+        log.info("deleted %s", deleted[-1])
+    clocks_file.save(clocks)
+    for c in result.pending:
+        log.info("pending: %s", gc.describe(c, now))
+    return {"deleted": deleted, "pending": [gc.describe(c, now) for c in result.pending],
+            "gone": result.gone, "errors": errors}
+
+
+def task_gc():
+    """Delete unreferenced images, flat images and layers past their grace period."""
+    plan = current_plan()
+    s = plan.settings
+    for repo in plan.repos:
+        yield {"name": repo, "actions": [(run_gc, [s, repo])],
+               "uptodate": [NothingDue(repo)], "setup": [_txn(repo)],
+               "doc": f"garbage collection of {repo} (grace {s.gc_grace:g} days, at most "
+                      f"{s.gc_max_deletions} deletions a run)", "verbosity": 2}
