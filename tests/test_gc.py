@@ -216,3 +216,24 @@ def test_gc_with_the_cvmfs_publisher(registry, layout, tmp_path):
         assert len(site.calls()) == calls, "nothing due: no transaction"
     finally:
         site.close()
+
+
+def test_layers_of_a_thin_image_in_use_stay(registry, basic_registry, layout, site):
+    from registry import PASSWORD
+    repo = unique("thinref")
+    old = push(registry, layout, repo, "v1", [Entry("v", b"1")])
+    site.env["DUCC_OUTPUT_REGISTRY_PASS"] = PASSWORD
+    site.recipe([f"http://{registry.host}/{repo}:v1"],
+                extra=f"output_format: 'http://{basic_registry.host}/thin/$(image)'\n")
+    run(site, T0)
+    new = push(registry, layout, repo, "v1", [Entry("v", b"2")])
+    site.env["DUCC_OUTPUT_REGISTRY_PASS"] = "wrong"      # the new thin image cannot be pushed
+    run(site, T0 + 60, code=1)
+    run(site, T0 + 60 + 8 * DAY, code=1)
+    assert old.config_digest[7:] not in flats(site), "the old flat image went"
+    assert old.layers[1][7:] in layers(site), "the registry's thin image still names it"
+    site.env["DUCC_OUTPUT_REGISTRY_PASS"] = PASSWORD
+    run(site, T0 + 60 + 8.1 * DAY)                      # pushed: the old layer's clock starts
+    assert old.layers[1][7:] in layers(site)
+    run(site, T0 + 60 + 15.2 * DAY)
+    assert old.layers[1][7:] not in layers(site) and new.layers[1][7:] in layers(site)

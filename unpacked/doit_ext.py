@@ -162,8 +162,10 @@ class Reporter(ConsoleReporter):
     def complete_run(self):
         try:
             self._close_transactions()
-            if self.settings.gc and not self.interrupted:
-                prune_task_rows(self.settings, self.task_names)
+            if not self.interrupted:
+                start_gc_clocks(self.settings, report=False)   # what this run unreferenced
+                if self.settings.gc:
+                    prune_task_rows(self.settings, self.task_names)
         finally:
             self.run.lock.release()
         self._summary()
@@ -305,13 +307,14 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
     return run
 
 
-def start_gc_clocks(settings: Settings) -> None:
+def start_gc_clocks(settings: Settings, report: bool = True) -> None:
     """Record, for each repository, what lost its last reference (and say what is gone)."""
-    from .tasks import current_plan, gc_plan
+    from .tasks import current_plan, gc_plan, recorded_tasks
     plan = current_plan()
+    plan.recorded = recorded_tasks(settings)     # at the end of a run: what it just recorded
     for repo in plan.repos:
         result = gc_plan(plan, repo, save=True)
-        for name in result.gone:
+        for name in result.gone if report else ():
             log.warning("%s: %s is gone upstream; kept (gc_prune_gone=1 removes it)", repo, name)
 
 
