@@ -1,0 +1,266 @@
+"""Benchmark images: built once with debootstrap, plain tar and isal, pushed with skopeo.
+
+Everything lands under ``bench/images/`` (git-ignored): OCI layouts, and the storage folder
+of the benchmark's own ``docker-registry``, so later runs only start the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from isal import igzip
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from images import skopeo_copy  # noqa: E402
+
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+class Writer:
+    """An OCI layout written blob by blob, streaming (layers can be larger than memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        self.index = path / "index.json"
+        if not self.index.exists():
+            self.index.write_text(json.dumps({"schemaVersion": 2, "manifests": []}))
+
+    def blob(self, data: bytes) -> dict:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (self.path / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+        return {"digest": digest, "size": len(data)}
+
+    def layer(self, fill) -> dict:
+        """Write a gzip layer from ``fill(tar)``; returns its descriptor and diff_id."""
+        tmp = self.path / "blobs" / ".partial"
+        raw_hash = hashlib.sha256()
+
+        class Hashing(io.RawIOBase):
+            def __init__(self, inner):
+                self.inner = inner
+
+            def writable(self):
+                return True
+
+            def write(self, b):
+                raw_hash.update(b)
+                return self.inner.write(b)
+
+        with (open(tmp, "wb") as out,
+              igzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as gz,
+              tarfile.open(fileobj=Hashing(gz), mode="w|", format=tarfile.PAX_FORMAT) as tar):
+            fill(tar)
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = "sha256:" + h.hexdigest()
+        size = tmp.stat().st_size
+        tmp.rename(self.path / "blobs" / "sha256" / digest[7:])
+        return {"mediaType": LAYER, "digest": digest, "size": size,
+                "diff_id": "sha256:" + raw_hash.hexdigest()}
+
+    def image(self, tag: str, layers: list[dict], env: list[str] | None = None) -> None:
+        cfg = {"architecture": "amd64", "os": "linux",
+               "config": {"Env": env or ["PATH=/usr/local/bin:/usr/bin:/bin"],
+                          "Cmd": ["/bin/sh"]},
+               "rootfs": {"type": "layers", "diff_ids": [x["diff_id"] for x in layers]}}
+        config = self.blob(json.dumps(cfg, sort_keys=True).encode())
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                    "layers": [{k: x[k] for k in ("mediaType", "digest", "size")}
+                               for x in layers]}
+        desc = self.blob(json.dumps(manifest).encode())
+        index = json.loads(self.index.read_text())
+        index["manifests"] = [m for m in index["manifests"]
+                              if m["annotations"]["org.opencontainers.image.ref.name"] != tag]
+        index["manifests"].append({"mediaType": manifest["mediaType"], **desc,
+                                   "annotations": {"org.opencontainers.image.ref.name": tag}})
+        self.index.write_text(json.dumps(index))
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 1_600_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+    tar.addfile(info)
+
+
+def debootstrap_tar(work: Path) -> Path:
+    """A Debian bookworm minbase root filesystem as a tar (cached)."""
+    archive = work / "bookworm-minbase.tar"
+    if archive.exists():
+        return archive
+    root = work / "rootfs"
+    subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root)], check=True,
+                   capture_output=True, timeout=3600)
+    subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(archive) + ".part",
+                    "."], check=True)
+    Path(str(archive) + ".part").rename(archive)
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    return archive
+
+
+def base_layer(w: Writer, work: Path, quick: bool) -> dict:
+    if quick:
+        def fill(tar):
+            for d in ("etc", "usr", "usr/bin", "usr/share", "usr/share/doc", "etc/apt", "bin"):
+                add_dir(tar, d)
+            for i in range(200):
+                add_file(tar, f"usr/share/doc/pkg{i}/README", b"doc " * 50)
+            add_file(tar, "etc/apt/sources.list", b"deb http://deb.debian.org/debian bookworm\n")
+            add_file(tar, "bin/sh", b"#!fake\n", 0o755)
+        return w.layer(fill)
+    archive = debootstrap_tar(work)
+
+    def fill(tar):
+        with tarfile.open(archive) as src:
+            for member in src:
+                tar.addfile(member, src.extractfile(member) if member.isfile() else None)
+    return w.layer(fill)
+
+
+def small_files_layer(w: Writer, count: int, seed: int = 1) -> dict:
+    """Tens of thousands of small files, with the text of Python's standard library."""
+    import sysconfig
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_bytes()[:8192] for p in sorted(stdlib.glob("*.py"))[:200]]
+    rng = random.Random(seed)
+
+    def fill(tar):
+        add_dir(tar, "opt")
+        add_dir(tar, "opt/lib")
+        for d in range(max(1, count // 100)):
+            add_dir(tar, f"opt/lib/pkg{d:04d}")
+            for i in range(100):
+                text = texts[rng.randrange(len(texts))]
+                add_file(tar, f"opt/lib/pkg{d:04d}/mod{i:03d}.py", text[:rng.randrange(200,
+                                                                                         8192)])
+    return w.layer(fill)
+
+
+def delete_layer(w: Writer) -> dict:
+    """Deletes a subtree (whiteout) and makes a folder opaque."""
+    def fill(tar):
+        add_dir(tar, "usr")
+        add_dir(tar, "usr/share")
+        add_file(tar, "usr/share/.wh.doc", b"")
+        add_dir(tar, "etc")
+        add_dir(tar, "etc/apt")
+        add_file(tar, "etc/apt/.wh..wh..opq", b"")
+        add_file(tar, "etc/apt/sources.list", b"deb http://deb.debian.org/debian bookworm main\n")
+    return w.layer(fill)
+
+
+def big_file_layer(w: Writer, size: int) -> dict:
+    """One large, poorly compressible file."""
+    def fill(tar):
+        info = tarfile.TarInfo("data/big.bin")
+        info.size, info.mode, info.mtime = size, 0o644, 1_600_000_000
+        block = os.urandom(1 << 20)
+        pos = [0]
+
+        class Source(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                n = min(len(b), size - pos[0], len(block))
+                b[:n] = block[:n]
+                pos[0] += n
+                return n
+        add_dir(tar, "data")
+        tar.addfile(info, io.BufferedReader(Source(), 1 << 20))
+    return w.layer(fill)
+
+
+def tiny_layer(w: Writer, i: int, j: int) -> dict:
+    def fill(tar):
+        add_file(tar, f"l{j}/file{i}.txt", f"image {i} layer {j}\n".encode())
+    return w.layer(fill)
+
+
+def build_all(images: Path, registry_host: str, quick: bool, many: int) -> dict:
+    """Build and push every benchmark image (skipped when the registry already has them)."""
+    stamp = images / ("ready-quick.json" if quick else "ready.json")
+    if stamp.exists():
+        return json.loads(stamp.read_text())
+    work = images / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    w = Writer(images / ("layout-quick" if quick else "layout"))
+    base = base_layer(w, work, quick)
+    w.image("base", [base])
+    app_layers = [base, small_files_layer(w, 300 if quick else 30000), delete_layer(w),
+                  big_file_layer(w, (8 << 20) if quick else (1 << 30))]
+    w.image("app", app_layers)
+    for v in range(5):
+        def fill(tar, v=v):
+            add_file(tar, f"variant/{v}.txt", f"variant {v}\n".encode() * 100)
+        w.image(f"variant{v}", [base, w.layer(fill)])
+    for tag in ["base", "app"] + [f"variant{v}" for v in range(5)]:
+        repo = "app" if tag == "app" else ("base" if tag == "base" else "variants")
+        name = tag if repo == "variants" else "v1"
+        skopeo_copy(w.path, tag, f"{registry_host}/bench/{repo}:{name}")
+    many_tags = push_many(registry_host, many)
+    info = {"app_layers": [x["digest"] for x in app_layers], "many": many_tags,
+            "unique_variant_bytes": None}
+    stamp.write_text(json.dumps(info))
+    return info
+
+
+def push_many(host: str, count: int) -> list[str]:
+    """``count`` tags of one repository, each its own image of 5 tiny layers (pushed over
+    plain HTTP, as setup: the thing measured is the conversion, not this)."""
+    import gzip
+
+    import requests
+    s = requests.Session()
+    base = f"http://{host}/v2/bench/many"
+
+    def upload(data: bytes) -> dict:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        r = s.post(f"{base}/blobs/uploads/")
+        r.raise_for_status()
+        loc = r.headers["Location"]
+        loc = loc if loc.startswith("http") else f"http://{host}{loc}"
+        s.put(loc + ("&" if "?" in loc else "?") + f"digest={digest}", data=data,
+              headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+        return {"digest": digest, "size": len(data)}
+
+    tags = []
+    for i in range(count):
+        layers, diff_ids = [], []
+        for j in range(5):
+            raw = io.BytesIO()
+            with tarfile.open(fileobj=raw, mode="w") as tar:
+                add_file(tar, f"l{j}/file{i}.txt", f"image {i} layer {j}\n".encode())
+            diff_ids.append("sha256:" + hashlib.sha256(raw.getvalue()).hexdigest())
+            layers.append({"mediaType": LAYER, **upload(gzip.compress(raw.getvalue(), mtime=0))})
+        cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+        config = upload(cfg)
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                    "layers": layers}
+        tag = f"t{i:04d}"
+        s.put(f"{base}/manifests/{tag}", data=json.dumps(manifest).encode(),
+              headers={"Content-Type": manifest["mediaType"]}).raise_for_status()
+        tags.append(tag)
+    return tags
