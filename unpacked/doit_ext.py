@@ -91,6 +91,7 @@ class Reporter(ConsoleReporter):
         self.thin_failed: dict[str, str] = {}
         self.gc: dict[str, list[str]] = {"deleted": [], "pending": [], "errors": []}
         self.task_names: set[str] = set()
+        self.published = False
 
     # -- start --------------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Reporter(ConsoleReporter):
         elif task.name.startswith("thin:"):
             self.thin_pushed += len(values.get("pushed") or [])
         elif task.name.startswith("publish:"):
+            self.published = True
             for error in values.get("errors") or []:
                 self.task_failures[f"{task.name}:{len(self.task_failures)}"] = error
                 self.gc["errors"].append(error)
@@ -162,7 +164,7 @@ class Reporter(ConsoleReporter):
     def complete_run(self):
         try:
             self._close_transactions()
-            if not self.interrupted:
+            if not self.interrupted and self._changed():
                 start_gc_clocks(self.settings, report=False)   # what this run unreferenced
                 if self.settings.gc:
                     prune_task_rows(self.settings, self.task_names)
@@ -178,6 +180,11 @@ class Reporter(ConsoleReporter):
         if self.failed or self.task_failures or self.thin_failed:
             raise SystemExit(EXIT_FAILED)
 
+    def _changed(self) -> bool:
+        """Did this run change the repository or a registry (then references moved)?"""
+        return bool(self.changes or self.built["layer"] or self.built["flat"]
+                    or self.thin_pushed or self.gc["deleted"] or self.published)
+
     def _close_transactions(self) -> None:
         from .tasks import run_message
         for publisher in publishers(self.settings):
@@ -188,6 +195,7 @@ class Reporter(ConsoleReporter):
                     publisher.abort()
                 else:
                     publisher.publish(run_message(self.settings, publisher.name))
+                    self.published = True
                     for error in publisher.leftovers:
                         self.task_failures[f"publish:{len(self.task_failures)}"] = error
                         self.gc["errors"].append(error)
@@ -216,8 +224,10 @@ class Reporter(ConsoleReporter):
         if any(gc.values()):
             self.write(f"gc: {len(gc['deleted'])} deleted, {len(gc['pending'])} pending, "
                        f"{len(gc['errors'])} failed\n")
-            for line in gc["deleted"]:
+            for line in gc["deleted"][:20]:
                 self.write(f"  deleted {line}\n")
+            if len(gc["deleted"]) > 20:
+                self.write(f"  deleted: {len(gc['deleted']) - 20} more\n")
             for line in gc["pending"][:10]:
                 self.write(f"  pending {line}\n")
             if len(gc["pending"]) > 10:

@@ -76,8 +76,12 @@ class Plan:
     gone: list[str] = field(default_factory=list)
 
 
+_SCANNED: dict[str, tuple[tuple[int, int], Existing]] = {}
+
+
 def scan_images(repo: Repository) -> dict[str, Existing]:
-    """Every converted image of the repository, from its metadata."""
+    """Every converted image of the repository, from its metadata (files re-read only when
+    they changed: a run scans several times)."""
     found: dict[str, Existing] = {}
     top = repo.root / ".metadata"
     if not top.is_dir():
@@ -87,10 +91,22 @@ def scan_images(repo: Repository) -> dict[str, Existing]:
         if "image.json" not in filenames:
             continue
         dirnames[:] = []
-        info = read_json(Path(dirpath) / "image.json") or {}
+        path = os.path.join(dirpath, "image.json")
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        stamp = (st.st_mtime_ns, st.st_ino)
+        cached = _SCANNED.get(path)
+        if cached and cached[0] == stamp:
+            found[cached[1].name] = cached[1]
+            continue
+        info = read_json(Path(path)) or {}
         name = os.path.relpath(dirpath, top)
-        found[name] = Existing(name, info.get("public_path", ""), info.get("config_digest", ""),
-                               info.get("layers", []), info.get("previous_layers", []))
+        image = Existing(name, info.get("public_path", ""), info.get("config_digest", ""),
+                         info.get("layers", []), info.get("previous_layers", []))
+        _SCANNED[path] = (stamp, image)
+        found[name] = image
     return found
 
 

@@ -75,7 +75,7 @@ class _Collector:
 
 def _scalar(node: yaml.Node) -> object:
     """Construct one scalar node with YAML's own typing (1 is int, 'a' is str, true is bool)."""
-    return yaml.load(yaml.serialize(node), Loader=_Loader)
+    return yaml.constructor.SafeConstructor().construct_object(node)
 
 
 def _check_template(errors: _Collector, node: yaml.Node, key: str, value: object) -> str | None:
@@ -226,10 +226,36 @@ def recipe_files(path: Path) -> list[Path]:
     return [path]
 
 
+_LOADED: dict[tuple, list[Recipe]] = {}
+
+
 def load(paths: list[Path] | Path) -> list[Recipe]:
-    """Read recipes from files and folders; raise one RecipeError listing every problem."""
+    """Read recipes from files and folders; raise one RecipeError listing every problem.
+
+    Parsed once per process while the files are unchanged (a run asks several times).
+    """
     if isinstance(paths, Path):
         paths = [paths]
+    key = tuple(_signature(p) for p in paths)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = _load(paths)
+    return list(_LOADED[key])
+
+
+def _signature(path: Path) -> tuple:
+    files = recipe_files(path) if path.exists() else []
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append((str(f), st.st_mtime_ns, st.st_size))
+        except OSError:
+            stats.append((str(f), 0, 0))
+    return (str(path), tuple(stats))
+
+
+def _load(paths: list[Path]) -> list[Recipe]:
     recipes: list[Recipe] = []
     problems: list[str] = []
     for given in paths:

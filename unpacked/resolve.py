@@ -12,13 +12,16 @@ import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import NotFound, UnpackedError
 from .recipe import Input, Recipe
 from .reference import ImageRef
-from .registry.client import RegistryClient
 from .resolved import Resolved
 from .state import State
+
+if TYPE_CHECKING:        # `doit list` must not pay for importing requests
+    from .registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 

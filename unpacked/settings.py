@@ -25,7 +25,7 @@ class Settings:
     retry_attempts: int = 6             # tries of one request, first included
     retry_seconds: float = 300.0        # total time one request may spend retrying
     timeout: float = 60.0               # seconds to connect / between two reads
-    registry_jobs: int = 4              # concurrent resolves per registry
+    registry_jobs: int = 8              # concurrent resolves per registry
     foreign_layers: bool = False        # fetch non-distributable layers from their urls
     max_layer_bytes: int = 64 << 30     # refuse a layer whose tar is larger (decompression bomb)
     cvmfs_server: str = "cvmfs_server"  # the command the cvmfs publisher runs

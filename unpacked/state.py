@@ -56,8 +56,9 @@ class State:
         """Record why ``name`` failed to resolve (None: it resolved); ``gone``: a 404."""
         key, gone_key = self._key("failure", name), self._key("gone", name)
         if reason is None:
-            self.cache.delete(key)
-            self.cache.delete(gone_key)
+            if key in self.cache:            # a read is far cheaper than a delete
+                self.cache.delete(key)
+                self.cache.delete(gone_key)
             return
         self.cache.set(key, reason)
         if gone:

@@ -149,94 +149,51 @@ def _hex(digest: str) -> str:
 
 # -- up-to-date checks (run in doit's main process: cheap, offline, never raising) --------------
 
-class LayerPresent:
+def layer_status(values: dict, digest: str, dirs: list[str]) -> tuple[bool, str]:
     """Up to date when doit recorded this digest *and* every target layer folder is complete."""
-
-    def __init__(self, digest: str, dirs: list[str]):
-        self.digest, self.dirs, self.why = digest, dirs, "not checked"
-
-    def __call__(self, task, values) -> bool:
-        if values.get("digest") != self.digest:
-            self.why = "not recorded as ingested (new, or forgotten)"
-            return False
-        for d in self.dirs:
-            if not (os.path.isfile(os.path.join(d, "layer.json"))
-                    and os.path.isdir(os.path.join(d, "layerfs"))):
-                self.why = f"{d} is missing"
-                return False
-        self.why = "ingested"
-        return True
-
-    def __repr__(self) -> str:
-        return f"LayerPresent({self.digest}: {self.why})"
+    if values.get("digest") != digest:
+        return False, "not recorded as ingested (new, or forgotten)"
+    for d in dirs:
+        # layer.json is written last inside a folder renamed into place whole
+        if not os.path.isfile(os.path.join(d, "layer.json")):
+            return False, f"{d} is missing"
+    return True, "ingested"
 
 
-class FlatPresent:
+def flat_status(values: dict, key: str, dirs: list[str], forced: str | None) -> tuple[bool, str]:
     """Up to date when built from these layers in this mode and present; forced after a forget."""
-
-    def __init__(self, key: str, dirs: list[str], forced: str | None):
-        self.key, self.dirs, self.forced, self.why = key, dirs, forced, "not checked"
-
-    def __call__(self, task, values) -> bool:
-        if self.forced:
-            self.why = self.forced
-            return False
-        if values.get("key") != self.key:
-            self.why = "not recorded as built from these layers (new, or forgotten)"
-            return False
-        for d in self.dirs:
-            if not os.path.isdir(d):
-                self.why = f"{d} is missing"
-                return False
-        self.why = "built"
-        return True
-
-    def __repr__(self) -> str:
-        return f"FlatPresent({self.why})"
+    if forced:
+        return False, forced
+    if values.get("key") != key:
+        return False, "not recorded as built from these layers (new, or forgotten)"
+    for d in dirs:
+        if not os.path.isdir(d):
+            return False, f"{d} is missing"
+    return True, "built"
 
 
-class ImageCurrent:
+def image_status(values: dict, manifest: str, checks: list[tuple[str, str, str]]
+                 ) -> tuple[bool, str]:
     """Up to date when the public path points at the flat image of the resolved manifest."""
-
-    def __init__(self, manifest: str, targets: list[tuple[str, str, str]]):
-        self.manifest, self.targets, self.why = manifest, targets, "not checked"
-
-    def __call__(self, task, values) -> bool:
-        if values.get("manifest") != self.manifest:
-            self.why = f"not recorded as linked to {self.manifest} (new, moved, or forgotten)"
-            return False
-        for link, target, metadata in self.targets:
-            try:
-                got = os.readlink(link)
-            except OSError:
-                self.why = f"{link} is missing"
-                return False
-            if got != target:
-                self.why = f"{link} points at {got}, not {target}"
-                return False
-            if not os.path.isfile(os.path.join(metadata, "image.json")):
-                self.why = f"{metadata} is missing"
-                return False
-        self.why = "linked"
-        return True
-
-    def __repr__(self) -> str:
-        return f"ImageCurrent({self.why})"
+    if values.get("manifest") != manifest:
+        return False, f"not recorded as linked to {manifest} (new, moved, or forgotten)"
+    for link, target, metadata in checks:
+        try:
+            got = os.readlink(link)
+        except OSError:
+            return False, f"{link} is missing"
+        if got != target:
+            return False, f"{link} points at {got}, not {target}"
+        if not os.path.isfile(os.path.join(metadata, "image.json")):
+            return False, f"{metadata} is missing"
+    return True, "linked"
 
 
-class ThinPushed:
+def thin_status(values: dict, key: str) -> tuple[bool, str]:
     """Up to date when this exact thin image (same bytes, same destination) was pushed."""
-
-    def __init__(self, key: str):
-        self.key, self.why = key, "not checked"
-
-    def __call__(self, task, values) -> bool:
-        ok = values.get("key") == self.key
-        self.why = "pushed" if ok else "not pushed in this form yet (new, changed, or forgotten)"
-        return ok
-
-    def __repr__(self) -> str:
-        return f"ThinPushed({self.why})"
+    if values.get("key") == key:
+        return True, "pushed"
+    return False, "not pushed in this form yet (new, changed, or forgotten)"
 
 
 class TransactionClosed:
@@ -451,16 +408,19 @@ def task_layer():
     """Download, verify and unpack one layer into .layers/<hex>."""
     plan = current_plan()
     s = plan.settings
+    roots = {r: os.path.join(s.repo_root, r, ".layers") for r in plan.repos}
     for digest, entry in sorted(plan.layers.items()):
         repos = sorted(entry["repos"])
-        dirs = [str(s.repo_root / r / ".layers" / _hex(digest)) for r in repos]
+        dirs = [os.path.join(roots[r], _hex(digest)) for r in repos]
         layer = entry["layer"]
+        ok, why = layer_status(plan.recorded.get(f"layer:{_hex(digest)}", {}), digest, dirs)
         yield {"name": _hex(digest),
                "actions": [(ingest, [s, vars(layer), entry["ref"].url, repos])],
-               "uptodate": [LayerPresent(digest, dirs)],
+               "uptodate": [ok],
                "setup": [_txn(r) for r in repos],
                "doc": f"{max(layer.size, 0):,} bytes, used by {len(entry['images'])} image(s)",
-               "meta": {"digest": digest, "diff_id": layer.diff_id, "size": layer.size,
+               "meta": {"status": why, "digest": digest, "diff_id": layer.diff_id,
+                        "size": layer.size,
                         "media_type": layer.media_type, "images": entry["images"][:20],
                         "folders": dirs},
                "verbosity": 2}
@@ -483,13 +443,15 @@ def task_flat():
                     Path(s.repo_root / item.repo / item.public).is_symlink():
                 forced = f"image:{item.name} was forgotten: rebuilding its flat image"
                 break
+        ok, why = flat_status(plan.recorded.get(f"flat:{_hex(config)}", {}), key, dirs, forced)
         yield {"name": _hex(config),
                "actions": [(flatten, [s, entry["name"], repos, key])],
                "task_dep": [f"layer:{_hex(x.digest)}" for x in resolved.layers],
-               "uptodate": [FlatPresent(key, dirs, forced)],
+               "uptodate": [ok],
                "setup": [_txn(r) for r in repos],
                "doc": f"{len(resolved.layers)} layers, {len(entry['images'])} image(s)",
-               "meta": {"config": config, "images": [i.name for i in entry["images"]][:20],
+               "meta": {"status": why, "config": config,
+                        "images": [i.name for i in entry["images"]][:20],
                         "layers": [x.digest for x in resolved.layers], "folders": dirs,
                         "mode": mode},
                "verbosity": 2}
@@ -521,13 +483,15 @@ def task_image():
             checks.append((str(root / item.public), wanted,
                            str(root / ".metadata" / name)))
             targets.append((item.repo, item.public, item.input.written))
-        meta.update({"tag_digest": resolved.top_digest, "manifest": resolved.manifest_digest,
-                     "config": resolved.config_digest, "platform": resolved.platform,
-                     "layers": [x.digest for x in resolved.layers]})
+        ok, why = image_status(plan.recorded.get(f"image:{name}", {}), resolved.manifest_digest,
+                               checks)
+        meta.update({"status": why, "tag_digest": resolved.top_digest,
+                     "manifest": resolved.manifest_digest, "config": resolved.config_digest,
+                     "platform": resolved.platform, "layers": [x.digest for x in resolved.layers]})
         yield {"name": name,
                "actions": [(link, [s, name, targets])],
                "task_dep": [f"flat:{_hex(resolved.config_digest)}"],
-               "uptodate": [ImageCurrent(resolved.manifest_digest, checks)],
+               "uptodate": [ok],
                "setup": sorted({_txn(i.repo) for i in items}),
                "doc": f"{first.input.written} -> {', '.join(i.public for i in items)}",
                "meta": meta, "verbosity": 2}
@@ -569,12 +533,13 @@ def task_thin():
             by_name.setdefault(item.name, []).append(item)
     for name, items in sorted(by_name.items()):
         targets, key = thin_targets(items)
+        ok, why = thin_status(plan.recorded.get(f"thin:{name}", {}), key)
         yield {"name": name,
                "actions": [(push_thin, [s, name, targets, key])],
                "task_dep": sorted({f"publish:{i.repo}" for i in items}) + [f"image:{name}"],
-               "uptodate": [ThinPushed(key)],
+               "uptodate": [ok],
                "doc": ", ".join(t[2] for t in targets),
-               "meta": {"output": [t[2] for t in targets], "images": [name]},
+               "meta": {"status": why, "output": [t[2] for t in targets], "images": [name]},
                "verbosity": 2}
 
 

@@ -177,23 +177,30 @@ class RegistryAuth(AuthBase):
             self._creds[host] = credential
 
     @staticmethod
-    def scope_for(request: requests.PreparedRequest) -> str | None:
-        m = _REPO_PATH.match(urlsplit(request.url).path)
+    def scope_for(url: str, method: str) -> str | None:
+        m = _REPO_PATH.match(urlsplit(url).path)
         if not m:
             return None
-        push = request.method in ("POST", "PUT", "PATCH", "DELETE")
+        push = method in ("POST", "PUT", "PATCH", "DELETE")
         return f"repository:{m.group(1)}:{'pull,push' if push else 'pull'}"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        host = urlsplit(request.url).netloc
-        with self._lock:
-            known = self._known.get(host)
-        if known and "Authorization" not in request.headers:
-            header = self._header(host, known, self.scope_for(request), fetch=False)
+        if "Authorization" not in request.headers:
+            header = self.known_header(request.url, request.method)
             if header:
                 request.headers["Authorization"] = header
         request.register_hook("response", self._on_response)
         return request
+
+    def known_header(self, url: str, method: str) -> str | None:
+        """The Authorization a request to ``url`` needs, if a past challenge tells (no I/O but
+        the token cache)."""
+        host = urlsplit(url).netloc
+        with self._lock:
+            known = self._known.get(host)
+        if not known:
+            return None
+        return self._header(host, known, self.scope_for(url, method), fetch=False)
 
     def _on_response(self, response: requests.Response, **kwargs) -> requests.Response:
         request = response.request
@@ -207,7 +214,7 @@ class RegistryAuth(AuthBase):
         host = urlsplit(request.url).netloc
         with self._lock:
             self._known[host] = chosen
-        scope = chosen[1].get("scope") or self.scope_for(request)
+        scope = chosen[1].get("scope") or self.scope_for(request.url, request.method)
         rejected = "Authorization" in request.headers    # what we sent was refused: refetch
         if rejected or chosen[1].get("error") in ("invalid_token", "insufficient_scope"):
             self.tokens.drop(self._token_key(host, chosen, scope))
