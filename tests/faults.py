@@ -3,7 +3,8 @@
 Faults are queued per path pattern and used up in order: ``reset`` (connection dropped after
 N bytes of the body), ``status`` (an error answer, optionally with headers), ``flip`` (one
 byte of the body changed), ``truncate`` (the body cut short with a matching Content-Length),
-``body`` (a canned answer), ``slow`` (the body in chunks of ``at`` bytes, ``delay`` apart).
+``body`` (a canned answer), ``slow`` (the body in chunks of ``at`` bytes, ``delay`` apart),
+``redirect`` (307 to ``data`` + the path), ``ignore-range`` (a 200 for a Range request).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream
         self.faults: list[Fault] = []
+        self.received: list[tuple[str, str, dict, int]] = []    # with headers and body size
         self.paginate = False
         self.log: list[tuple[str, str, int]] = []
         self.lock = threading.Lock()
@@ -70,6 +72,7 @@ class FaultProxy:
         with self.lock:
             self.faults.clear()
             self.log.clear()
+            self.received.clear()
 
     def count(self, method: str, pattern: str = "") -> int:
         with self.lock:
@@ -99,8 +102,18 @@ class FaultProxy:
             if h.command != "HEAD":
                 h.wfile.write(data)
             return
+        if fault and fault.kind == "redirect":
+            with self.lock:
+                self.log.append((h.command, h.path, 307))
+            h.send_response(307)
+            h.send_header("Location", fault.data.decode() + h.path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP}
+        if fault and fault.kind == "ignore-range":
+            headers.pop("Range", None)
         headers["Host"] = self.upstream
         conn.request(h.command, h.path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -108,6 +121,7 @@ class FaultProxy:
         conn.close()
         with self.lock:
             self.log.append((h.command, h.path, resp.status))
+            self.received.append((h.command, h.path, dict(h.headers), len(data)))
         keep_length = h.command == "HEAD"
         out_headers = [(k, v) for k, v in resp.getheaders()
                        if k.lower() not in HOP and (keep_length or k.lower() != "content-length")]

@@ -252,3 +252,49 @@ def test_reingest_replaces_whole(site):
     dest, _ = run(site, raw)
     assert (dest / "layerfs/f").read_bytes() == b"1"
     assert [n for n in os.listdir(dest.parent) if n.startswith(".")] == []
+
+
+def test_foreign_layer_needs_the_setting(tmp_path):
+    """A non-distributable layer is fetched from its own urls only when allowed, verified."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from unpacked import convert, reference
+    from unpacked.errors import UnpackedError
+    from unpacked.registry.client import RegistryClient
+    from unpacked.repository import Repository
+    from unpacked.resolved import Layer
+
+    raw = tar_bytes([Entry("Windows/foreign.txt", b"from elsewhere")])
+    data = gzip.compress(raw, mtime=0)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "layer.tar.gz").write_bytes(data)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/layer.tar.gz"
+        layer = Layer(sha(data), len(data),
+                      "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", sha(raw),
+                      [url])
+        ref = reference.parse("http://127.0.0.1:1/never/contacted:1")
+        repo = Repository(tmp_path / "repo")
+        client = RegistryClient(None)
+        with pytest.raises(UnpackedError) as exc:
+            convert.ingest_layer(client, ref, layer, repo)
+        assert "foreign layer" in str(exc.value) and "foreign_layers=1" in str(exc.value)
+        assert url in str(exc.value)
+        convert.ingest_layer(client, ref, layer, repo, foreign=True)
+        assert (repo.layerfs(layer.digest) / "Windows/foreign.txt").read_bytes() == \
+            b"from elsewhere"
+        bad = Layer("sha256:" + "0" * 64, len(data), layer.media_type, sha(raw), [url])
+        with pytest.raises(UnpackedError, match="hashes to"):
+            convert.ingest_layer(client, ref, bad, repo, foreign=True)
+        assert not repo.layer_dir(bad.digest).exists()
+    finally:
+        server.shutdown()

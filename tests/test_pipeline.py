@@ -37,7 +37,8 @@ def three_images(registry, layout):
     imgs = {
         a: push(registry, layout, a, "v1", [Entry("app/a", b"a"), Entry("usr/share/.wh.doc", b""),
                                            Entry("var/cache/.wh..wh..opq", b"")]),
-        b: push(registry, layout, b, "v1", [Entry("app/b", b"b")], Env=["B=1"]),
+        b: push(registry, layout, b, "v1", [Entry("app/b", b"b")], Env=["B=1"],
+                WorkingDir="/app", User="1000:1000"),
     }
     img = layout.image("v1", [tar_bytes([Entry("only", b"one layer")])])
     skopeo_copy(layout.path, "v1", f"{registry.host}/{c}:v1")
@@ -61,6 +62,10 @@ def check_layout(site: Site, host: str, imgs: dict) -> None:
         assert json.loads((meta / "config.json").read_bytes()) == img.config
         summary = json.loads((meta / "image.json").read_text())
         assert summary["config_digest"] == img.config_digest
+        inner = img.config["config"]
+        assert summary["working_dir"] == inner.get("WorkingDir", "")
+        assert summary["user"] == inner.get("User", "")
+        assert summary["input"] == f"http://{host}/{repo}:v1"
         public = root / host / f"{repo}:v1"
         depth = f"{host}/{repo}:v1".count("/")
         assert os.readlink(public) == "../" * depth + ".flat/" + img.config_digest[7:]

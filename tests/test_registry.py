@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
 from email.utils import formatdate
 
@@ -349,3 +350,37 @@ def test_credentials_from_config_files(tmp_path):
 
 def test_fast_policy_is_bounded():
     assert FAST.attempts >= 2
+
+
+def test_resume_restarts_when_the_server_ignores_range(proxy, big_image, make_client):
+    repo, img = big_image
+    proxy.add("/blobs/" + img.layers[0], "reset", at=200_000)
+    proxy.add("/blobs/" + img.layers[0], "ignore-range")
+    data, _ = fetch_via(proxy, make_client(), repo, img)
+    assert hashlib.sha256(data).hexdigest() == img.layers[0][7:]
+    ranged = [hdrs for m, p, hdrs, _ in proxy.received if "/blobs/" + img.layers[0] in p]
+    assert len(ranged) == 2 and "Range" in ranged[1], "the resume asked for a range"
+
+
+def test_redirect_to_another_host_drops_authorization(token_registry, registry, layout,
+                                                      make_client):
+    """Blobs served from a CDN: follow the redirect, never send our token to another host."""
+    from faults import FaultProxy
+    repo = unique()
+    img = push_simple(token_registry, layout, repo, files={"f": os.urandom(50_000)})
+    skopeo_copy(layout.path, "v1", f"{registry.host}/{repo}:v1")     # the "CDN" has it too
+    front, cdn = FaultProxy(token_registry.host), FaultProxy(registry.host)
+    try:
+        other = f"http://localhost:{cdn.server.server_port}"          # another host name
+        front.add("/blobs/" + img.layers[0], "redirect", data=other.encode())
+        client = make_client(creds_for(front.host))
+        r = reference.parse(f"http://{front.host}/{repo}:v1")
+        resolved = client.resolve(r, "linux/amd64")
+        data = read_blob(client, r, resolved.layers[0])
+        assert hashlib.sha256(data).hexdigest() == img.layers[0][7:]
+        sent = [hdrs for m, p, hdrs, _ in cdn.received if "/blobs/" in p]
+        assert len(sent) == 1 and "Authorization" not in sent[0]
+        assert any("Authorization" in h for m, p, h, _ in front.received)
+    finally:
+        front.stop()
+        cdn.stop()
