@@ -42,6 +42,7 @@ CONFIG_TYPES = ("application/vnd.docker.container.image.v1+json",
 MAX_MANIFEST = 4 << 20
 MAX_CONFIG = 32 << 20
 CHUNK = 256 << 10
+PROGRESS_SECONDS = 10.0
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _STREAM_ERRORS = (requests.RequestException, Urllib3Error, OSError)
 
@@ -353,6 +354,7 @@ class BlobStream(io.RawIOBase):
         self._skip = 0
         self._failures = 0
         self._verified = False
+        self._next_report = time.monotonic() + PROGRESS_SECONDS
         self._open()
 
     def readable(self) -> bool:
@@ -423,7 +425,16 @@ class BlobStream(io.RawIOBase):
             self._hash.update(data)
             self.received += len(data)
             view[:len(data)] = data
+            if time.monotonic() >= self._next_report:
+                self._report()
             return len(data)
+
+    def _report(self) -> None:
+        """A line every few seconds on a long transfer (shown when a person watches)."""
+        self._next_report = time.monotonic() + PROGRESS_SECONDS
+        if self.received and self.size > 0:
+            log.info("%s: %.0f%% of %.1f MiB", self.what, 100 * self.received / self.size,
+                     self.size / 2**20)
 
     def _finish(self) -> None:
         if self._verified:
