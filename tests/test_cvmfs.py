@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 from conftest import unique
 from images import Entry
 from site_helper import Site
-from test_pipeline import _temps, _wait_for, push
+from test_pipeline import _temps, _wait_for, push, run_interrupted_later
 
 
 @pytest.fixture
@@ -71,18 +70,8 @@ def test_repository_is_read_only_outside_a_transaction(registry, layout, cvmfs_s
 
 def test_sigterm_aborts_and_restores(registry, layout, cvmfs_site, proxy):
     site = cvmfs_site
-    first = unique("first")
-    push(registry, layout, first, "v1", [Entry("a", b"a")])
-    site.recipe([f"http://{proxy.host}/{first}:v1"])
-    assert site.doit().returncode == 0
-    before = tree(site.repo_root)
-    repo = unique("term")
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
-    site.recipe([f"http://{proxy.host}/{first}:v1", f"http://{proxy.host}/{repo}:v1"])
-    run = site.start()
-    assert _wait_for(lambda: _temps(site))
-    time.sleep(0.2)
+    before, run = run_interrupted_later(registry, layout, site, proxy,
+                                        lambda: tree(site.repo_root))
     os.kill(run.pid, signal.SIGTERM)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 143, err

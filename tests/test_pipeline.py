@@ -265,24 +265,31 @@ def test_malformed_recipe_is_one_line(site):
         assert "Traceback" not in done.stderr
 
 
-def test_sigterm_aborts_local_transaction(registry, layout, site, proxy):
+def run_interrupted_later(registry, layout, site, proxy, snapshot):
+    """Convert one image, then start a run that adds a slow second one and wait until its
+    ingest is under way; returns ``snapshot()`` of the first state and the running doit."""
     first = unique("first")
     push(registry, layout, first, "v1", [Entry("a", b"a")])
     site.recipe([f"http://{proxy.host}/{first}:v1"])
     assert site.doit().returncode == 0
-    before = sorted(str(p.relative_to(site.repo_root)) for p in site.repo_root.rglob("*")
-                    if ".unpacked" not in p.parts)
+    before = snapshot()
     repo = unique("term")
     img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
     proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
     site.recipe([f"http://{proxy.host}/{first}:v1", f"http://{proxy.host}/{repo}:v1"])
     run = site.start()
-    assert _wait_for(lambda: _temps(site))
+    assert _wait_for(lambda: _temps(site)), "the ingest never started"
     time.sleep(0.3)
+    return before, run
+
+
+def test_sigterm_aborts_local_transaction(registry, layout, site, proxy):
+    def snapshot():
+        return sorted(str(p.relative_to(site.repo_root)) for p in site.repo_root.rglob("*")
+                      if ".unpacked" not in p.parts)
+    before, run = run_interrupted_later(registry, layout, site, proxy, snapshot)
     os.kill(run.pid, signal.SIGTERM)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 143, err
-    after = sorted(str(p.relative_to(site.repo_root)) for p in site.repo_root.rglob("*")
-                   if ".unpacked" not in p.parts)
-    assert after == before, "abort removed what the run added"
+    assert snapshot() == before, "abort removed what the run added"
     assert site.revision() == 1 and not site.transaction_open()

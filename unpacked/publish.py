@@ -232,20 +232,6 @@ class CvmfsPublisher(Publisher):
             self._run("abort", "-f", self.name)
             raise
 
-    def _drop_backups(self) -> list[str]:
-        """What the transaction replaced or deleted goes now; what resists is reported and
-        stays in ``.unpacked/backup`` for the next publish to retry."""
-        leftovers = []
-        if not self.backups.is_dir():
-            return leftovers
-        for entry in os.scandir(self.backups):
-            try:
-                remove_tree(Path(entry.path))
-            except OSError as exc:
-                leftovers.append(f"could not delete {entry.path}: {exc.strerror or exc}")
-                log.error("%s: %s", self.name, leftovers[-1])
-        return leftovers
-
     def _abort(self) -> None:
         self._run("abort", "-f", self.name)
 
