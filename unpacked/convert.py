@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from . import flatten, layers, sandbox
 from .errors import UnpackedError
@@ -110,7 +109,3 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def layerfs_paths(repo: Repository, resolved: Resolved) -> list[Path]:
-    return [repo.layerfs(x.digest) for x in resolved.layers]

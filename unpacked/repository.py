@@ -21,6 +21,11 @@ def hex_of(digest: str) -> str:
     return digest.partition(":")[2]
 
 
+def public_target(rel: str, config_digest: str) -> str:
+    """The symlink text from a public path to its flat image: ``../../.flat/<hex>``."""
+    return "../" * rel.count("/") + f".flat/{hex_of(config_digest)}"
+
+
 class Repository:
     """One repository root (``<root>/<cvmfs_repo>``) and where everything lives inside it."""
 
@@ -64,10 +69,6 @@ class Repository:
         except OSError:
             return None
 
-    def relative_target(self, rel: str, config_digest: str) -> str:
-        """The symlink text from the public path to its flat image: ``../../.flat/<hex>``."""
-        depth = rel.count("/")
-        return "../" * depth + f".flat/{hex_of(config_digest)}"
 
     def clean_temps(self) -> list[Path]:
         """Remove half-built folders left by a killed run (they never sit at a final path)."""
@@ -129,7 +130,7 @@ class Repository:
 
     def link(self, rel: str, config_digest: str) -> bool:
         """Point the public path at the flat image; True if it changed."""
-        target = self.relative_target(rel, config_digest)
+        target = public_target(rel, config_digest)
         if self.link_target(rel) == target:
             return False
         path = self.public(rel)

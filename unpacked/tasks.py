@@ -26,6 +26,7 @@ from .context import context
 from .errors import Unauthorized, UnpackedError
 from .recipe import Input, Recipe
 from .reference import ImageRef
+from .repository import public_target
 from .resolve import expand
 from .resolved import Resolved
 from .settings import Settings
@@ -479,7 +480,7 @@ def task_image():
         targets, checks = [], []
         for item in items:
             root = s.repo_root / item.repo
-            wanted = "../" * item.public.count("/") + f".flat/{_hex(resolved.config_digest)}"
+            wanted = public_target(item.public, resolved.config_digest)
             checks.append((str(root / item.public), wanted,
                            str(root / ".metadata" / name)))
             targets.append((item.repo, item.public, item.input.written))
