@@ -117,6 +117,10 @@ class LocalPublisher(Publisher):
     def repository(self) -> Repository:
         return Repository(self.root, catalogs=False, guard=self.before_replace)
 
+    def is_open(self) -> bool:
+        # a journal without its marker: a crashed run whose cache/ was lost since
+        return super().is_open() or self.journal.exists()
+
     def _open(self) -> None:
         self.backups.mkdir(parents=True, exist_ok=True)
         self.journal.touch()
