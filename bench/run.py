@@ -200,9 +200,14 @@ class Bench:
                             self.ours("variants", names, jobs="2", host=proxy.host))
                 got = proxy.count("GET", "/blobs/sha256:")
                 base = self.info["app_layers"][0]
+                blobs = [(p.rsplit("/", 1)[1], size) for m, p, _, size in proxy.received
+                         if m == "GET" and "/blobs/sha256:" in p]
+                total, unique = sum(s for _, s in blobs), sum(dict(blobs).values())
                 self.notes["variants"] = (f"{got} blob GETs for 5 images (5 configs + 1 shared "
                                           f"base + 5 own layers = 11 expected); base fetched "
-                                          f"{proxy.count('GET', base)} time(s)")
+                                          f"{proxy.count('GET', base)} time(s); {total:,} "
+                                          f"bytes downloaded, the unique blobs are "
+                                          f"{unique:,} bytes")
                 self.record("variants: cold convert of 5, -n 1",
                             self.ours("variants", names, jobs="1"))
         finally:

@@ -19,4 +19,7 @@ def test_quick_benchmark_runs(tmp_path):
                 "peak memory", "variants: cold convert of 5, -n 1"):
         assert row in text, row
     assert "base fetched 1 time(s)" in text
+    downloaded = text.split("bytes downloaded")[0].rsplit(";", 1)[1].strip()
+    unique = text.split("the unique blobs are ")[1].split(" bytes")[0]
+    assert downloaded == unique, "each shared layer is downloaded once"
     assert "no transaction opened by the no-op runs" in text

@@ -298,3 +298,17 @@ def test_foreign_layer_needs_the_setting(tmp_path):
         assert not repo.layer_dir(bad.digest).exists()
     finally:
         server.shutdown()
+
+
+def test_ownership_kept_as_root(site):
+    raw = tar_bytes([Entry("owned", b"x", uid=1234, gid=5678),
+                     Entry("dir", kind="dir", uid=42, gid=43),
+                     Entry("link", kind="symlink", link="owned", uid=7, gid=8)])
+    dest, _ = run(site, raw)
+    fs = dest / "layerfs"
+    if os.geteuid() != 0:
+        assert os.stat(fs / "owned").st_uid == os.geteuid()
+        return
+    assert (os.stat(fs / "owned").st_uid, os.stat(fs / "owned").st_gid) == (1234, 5678)
+    assert (os.stat(fs / "dir").st_uid, os.stat(fs / "dir").st_gid) == (42, 43)
+    assert (os.lstat(fs / "link").st_uid, os.lstat(fs / "link").st_gid) == (7, 8)
