@@ -2,9 +2,10 @@
 
 - An image dropped from every recipe loses its public path and metadata after
   ``gc_image_grace`` days (default 0: at once, as OSG does; nothing else goes with it).
-- A flat image no kept image names is deleted ``gc_grace`` days (default 7) after it lost its
-  last reference; likewise a layer that no kept image, no image in its grace period, and no
-  thin image still in use names. Running jobs hold paths, so nothing goes at once.
+- A flat image no kept image and no symlink of the public tree names is deleted ``gc_grace``
+  days (default 7) after it lost its last reference; likewise a layer that no kept image,
+  no image in its grace period, and no thin image still in use names. Running jobs hold
+  paths, so nothing goes at once.
 - An image whose tag is gone upstream (404, or gone from a wildcard's listing) is reported
   and kept, unless ``gc_prune_gone`` asks for it to be removed like a dropped image.
 - At most ``gc_max_deletions`` deletions a run (default 50: deletions inside a CVMFS
@@ -51,6 +52,7 @@ class Wants:
     flats: set[str] = field(default_factory=set)              # config digests
     layers: set[str] = field(default_factory=set)
     thin_pending: set[str] = field(default_factory=set)       # thin image not pushed as is
+    roots: set[str] = field(default_factory=set)              # dot-folders public paths use
 
 
 @dataclass
@@ -110,6 +112,28 @@ def scan_images(repo: Repository) -> dict[str, Existing]:
     return found
 
 
+def linked_flats(repo: Repository, extra_roots: set[str]) -> set[str]:
+    """Config digests of flat images that any symlink of the public tree points at, made by
+    us or not (a repository DUCC wrote, a link an operator made by hand)."""
+    found: set[str] = set()
+    if not repo.root.is_dir():
+        return found
+    tops = [e.name for e in os.scandir(repo.root)
+            if e.is_dir(follow_symlinks=False) and (not e.name.startswith(".")
+                                                    or e.name in extra_roots)]
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(repo.root / top):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                if not os.path.islink(full):
+                    continue
+                target = os.path.normpath(os.path.join(dirpath, os.readlink(full)))
+                flat = os.path.relpath(target, repo.root).split(os.sep)
+                if len(flat) >= 2 and flat[0] == ".flat":
+                    found.add("sha256:" + flat[1])
+    return found
+
+
 def scan_digests(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
@@ -165,7 +189,7 @@ def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float],
         candidates.append(c)
         if c.due > now:
             kept.append(image)        # in its grace period: its flat image and layers stay
-    flats = set(wants.flats) | {i.config for i in kept}
+    flats = set(wants.flats) | {i.config for i in kept} | linked_flats(repo, wants.roots)
     layers = set(wants.layers)
     for image in kept:
         layers.update(image.layers)

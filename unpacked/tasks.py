@@ -555,6 +555,7 @@ def gc_wants(plan: Plan, repo: str):
         if r.cvmfs_repo == repo:
             wants.wildcards += [(i.ref.registry, i.ref.repository, i.ref.tag)
                                 for i in r.inputs if i.ref.is_wildcard]
+            wants.roots.add(r.public_path.split("/", 1)[0])
     by_name: dict[str, list[ImagePlan]] = {}
     for item in plan.images:
         if item.repo != repo:
