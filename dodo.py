@@ -9,8 +9,8 @@ import sys
 
 from unpacked import log
 from unpacked.doit_ext import check_recipes, doit_config, is_run, prepare_run
+from unpacked.plan import current_settings
 from unpacked.tasks import (  # noqa: F401  (doit finds task_* here)
-    current_settings,
     task__txn,
     task_flat,
     task_gc,

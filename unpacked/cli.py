@@ -98,7 +98,7 @@ def gc_command(dry_run: bool) -> None:
     Deleting happens inside a transaction: `doit` (when the gc setting is on) or `doit gc`.
     """
     from . import gc
-    from .tasks import build_plan, gc_plan
+    from .plan import build_plan, gc_plan
     s = _settings()
     plan = build_plan(s)
     now = s.clock()

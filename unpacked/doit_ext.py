@@ -77,7 +77,7 @@ class Reporter(ConsoleReporter):
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
-        from .tasks import current_settings
+        from .plan import current_settings
         self.settings: Settings = current_settings()
         self.run = RUN
         self.started = RUN.started if RUN else time.monotonic()
@@ -186,7 +186,7 @@ class Reporter(ConsoleReporter):
                     or self.thin_pushed or self.gc["deleted"] or self.published)
 
     def _close_transactions(self) -> None:
-        from .tasks import run_message
+        from .actions import run_message
         for publisher in publishers(self.settings):
             if not publisher.is_open():
                 continue
@@ -263,9 +263,9 @@ RUN: Run | None = None
 
 def publishers(settings: Settings):
     from .context import context
-    from .tasks import _recipes_or_none
+    from .plan import recipes_or_none
     ctx = context(settings)
-    repos = sorted({x.cvmfs_repo for x in _recipes_or_none(settings)})
+    repos = sorted({x.cvmfs_repo for x in recipes_or_none(settings)})
     return [ctx.publisher(r) for r in repos]
 
 
@@ -302,7 +302,7 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
         for publisher in publishers(settings):
             publisher.recover()
         if resolve:
-            from .tasks import run_resolve
+            from .actions import run_resolve
             run_resolve(settings)
             start_gc_clocks(settings)
     except UnpackedError as exc:
@@ -319,7 +319,7 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
 
 def start_gc_clocks(settings: Settings, report: bool = True) -> None:
     """Record, for each repository, what lost its last reference (and say what is gone)."""
-    from .tasks import current_plan, gc_plan, recorded_tasks
+    from .plan import current_plan, gc_plan, recorded_tasks
     plan = current_plan()
     plan.recorded = recorded_tasks(settings)     # at the end of a run: what it just recorded
     for repo in plan.repos:
