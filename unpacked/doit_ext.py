@@ -164,8 +164,9 @@ class Reporter(ConsoleReporter):
     def complete_run(self):
         try:
             self._close_transactions()
-            if not self.interrupted and self._changed():
-                start_gc_clocks(self.settings, report=False)   # what this run unreferenced
+            if not self.interrupted:
+                if self._changed():
+                    start_gc_clocks(self.settings, report=False)   # what it unreferenced
                 if self.settings.gc:
                     prune_task_rows(self.settings, self.task_names)
         finally:
