@@ -46,16 +46,24 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-def place(temp: Path, final: Path) -> bool:
-    """Rename ``temp`` to ``final``; if ``final`` already exists, drop ``temp`` and say False."""
-    try:
-        os.rename(temp, final)
-        return True
-    except OSError as exc:
-        if exc.errno not in (39, 17):      # ENOTEMPTY, EEXIST: someone else placed it first
-            raise
-        remove_tree(temp)
-        return False
+def make_dirs(root: Path, parts: list[str]) -> Path:
+    """Make ``root/part/part...`` folder by folder, never through a symlink; a part that is
+    not a real folder is left as it is and raised as NotADirectoryError. Safe against a
+    racing mkdir."""
+    current = root
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, 0o755)
+                continue
+            except FileExistsError:      # another worker made it meanwhile
+                st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(str(current))
+    return current
 
 
 def replace_dir(temp: Path, final: Path) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UnpackedError
-from .fsutil import is_temp, remove_tree, replace_dir, symlink_atomic, temp_sibling
+from .fsutil import is_temp, make_dirs, remove_tree, replace_dir, symlink_atomic, temp_sibling
 
 
 def hex_of(digest: str) -> str:
@@ -93,21 +92,10 @@ class Repository:
 
     def safe_parent(self, rel: str) -> Path:
         """Make the folders above a public path; refuse a part that is not a real folder."""
-        current = self.root
-        parts = rel.split("/")[:-1]
-        for part in parts:
-            current = current / part
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(current, 0o755)
-                    continue
-                except FileExistsError:      # another worker made it meanwhile
-                    st = os.lstat(current)
-            if not stat.S_ISDIR(st.st_mode):
-                raise UnpackedError(f"public path {rel}: {current} is not a folder")
-        return current
+        try:
+            return make_dirs(self.root, rel.split("/")[:-1])
+        except NotADirectoryError as exc:
+            raise UnpackedError(f"public path {rel}: {exc} is not a folder") from None
 
     def write_metadata(self, name: str, manifest: bytes, config: bytes, summary: dict) -> Path:
         """``.metadata/<name>/``: the exact manifest and config bytes and a summary, whole."""

@@ -7,14 +7,14 @@ files hardlinked to ``.layers`` stay untouched) and never follows a symlink of t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
-import stat
 from pathlib import Path
 
-from .fsutil import remove_tree
+from .fsutil import make_dirs, remove_tree
 
 ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DIRS = (".singularity.d/libs", ".singularity.d/actions", ".singularity.d/env", "dev", "proc",
@@ -247,27 +247,13 @@ exec "$@"
 """
 
 
-def _safe_dirs(root: Path, rel: str) -> Path | None:
-    """Make the folders of ``rel`` under ``root``; None if a part is not a real folder."""
-    current = root
-    for part in rel.split("/"):
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            return None          # the image has a symlink or file here: keep it, go no further
-    return current
-
-
 def _put(root: Path, rel: str, data: str | bytes, mode: int) -> bool:
     """Replace ``root/rel`` with a new file (a rename: a linked file is never written through)."""
     folder, _, name = rel.rpartition("/")
-    parent = _safe_dirs(root, folder) if folder else root
-    if parent is None:
-        return False
+    try:
+        parent = make_dirs(root, folder.split("/")) if folder else root
+    except NotADirectoryError:
+        return False             # the image has a symlink or file here: keep it, go no further
     target = parent / name
     if os.path.isdir(target) and not os.path.islink(target):
         remove_tree(target)
@@ -283,7 +269,8 @@ def write(root: Path, config: dict) -> None:
     """Add the Apptainer files for an image whose config (the whole config blob) is given."""
     cfg = config.get("config") or {}
     for rel in DIRS:
-        _safe_dirs(root, rel)
+        with contextlib.suppress(NotADirectoryError):   # the image's own symlink stays
+            make_dirs(root, rel.split("/"))
     for name, target in LINKS.items():
         if not os.path.lexists(root / name):
             os.symlink(target, root / name)
