@@ -12,18 +12,12 @@ from pathlib import Path
 import click
 
 from . import log, recipe, reference, settings
+from .context import context
 from .errors import BadReference, RecipeError, UnpackedError
-from .registry.client import RegistryClient
-from .registry.retry import RetryPolicy
 
 
 def _settings() -> settings.Settings:
     return settings.load()
-
-
-def _client(s: settings.Settings) -> RegistryClient:
-    policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
-    return RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,7 +61,7 @@ def manifest(image: str, platform: str | None, as_json: bool) -> None:
         ref = reference.parse(image)
     except BadReference as exc:
         raise click.ClickException(str(exc)) from None
-    client = _client(s)
+    client = context(s).client
     resolved = client.resolve(ref, platform or s.platform)
     if as_json:
         d = resolved.to_dict()

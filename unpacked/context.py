@@ -28,13 +28,21 @@ class Context:
 
     @property
     def client(self):
+        """The client for pulls: Docker/Podman credential files."""
         if self._client is None:
-            from .registry.client import RegistryClient
-            from .registry.retry import RetryPolicy
-            s = self.settings
-            policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
-            self._client = RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout)
+            self._client = self._new_client()
         return self._client
+
+    def _new_client(self, credentials=None):
+        """A registry client with the settings' retries, timeout and token cache (requests is
+        imported only here: ``doit list`` never needs it)."""
+        from .registry.auth import find_credential
+        from .registry.client import RegistryClient
+        from .registry.retry import RetryPolicy
+        s = self.settings
+        policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
+        return RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout,
+                              credentials=credentials or find_credential)
 
     @property
     def state(self) -> State:
@@ -47,8 +55,6 @@ class Context:
         else the Docker/Podman credential files."""
         if user not in self._pushers:
             from .registry.auth import Credential, find_credential
-            from .registry.client import RegistryClient
-            from .registry.retry import RetryPolicy
             from .thin import password
             secret = password()
 
@@ -56,10 +62,7 @@ class Context:
                 if user and secret:
                     return Credential(user, secret)
                 return find_credential(host)
-            s = self.settings
-            policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
-            self._pushers[user] = RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout,
-                                                 credentials=credentials)
+            self._pushers[user] = self._new_client(credentials)
         return self._pushers[user]
 
     def publisher(self, repo: str) -> Publisher:
