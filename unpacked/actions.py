@@ -27,7 +27,7 @@ def _failed(exc: UnpackedError) -> dict:
     return {"failed": str(exc)}
 
 
-def run_resolve(s: Settings) -> dict:
+def run_resolve(s: Settings) -> None:
     """Resolve every input over the network; failures are kept per image for its task."""
     from .resolve import Resolver
     ctx = context(s)
@@ -42,8 +42,14 @@ def run_resolve(s: Settings) -> dict:
     changed = sum(1 for o in outcomes if o.changed)
     log.info("resolved %d images in %.1fs: %d changed, %d failed", len(outcomes),
              time.monotonic() - started, changed, len(failed))
-    return {"images": len(outcomes), "changed": changed, "failed": len(failed),
-            "problems": problems}
+
+
+def _resolved(s: Settings, name: str):
+    """The resolved state the plan was made from (resolved before tasks were generated)."""
+    resolved = context(s).state.resolved(name, s.platform)
+    if resolved is None:
+        raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+    return resolved
 
 
 def begin_transaction(s: Settings, repo: str) -> dict:
@@ -73,14 +79,10 @@ def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict:
 def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict:
     from .convert import build_flat
     ctx = context(s)
-    resolved = ctx.state.resolved(name, s.platform)
     try:
-        if resolved is None:
-            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        resolved = _resolved(s, name)
         for repo in repos:
-            publisher = ctx.publisher(repo)
-            mode = "copy" if publisher.kind == "cvmfs" or s.flatten == "copy" else "hardlink"
-            build_flat(publisher.repository(), resolved, mode)
+            build_flat(ctx.publisher(repo).repository(), resolved, s.flatten_mode)
     except UnpackedError as exc:
         return _failed(exc)
     return {"key": key}
@@ -90,11 +92,9 @@ def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict:
     """Write metadata and flip the public link in each ``(repo, public path, input)``."""
     from .convert import link_image
     ctx = context(s)
-    resolved = ctx.state.resolved(name, s.platform)
     changes = []
     try:
-        if resolved is None:
-            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        resolved = _resolved(s, name)
         for repo, public, written in targets:
             repository = ctx.publisher(repo).repository()
             before = repository.link_target(public)
@@ -119,11 +119,9 @@ def push_thin(s: Settings, name: str, targets: list[tuple[str, str, str, str | N
     from . import thin
     from .reference import parse
     ctx = context(s)
-    resolved = ctx.state.resolved(name, s.platform)
     pushed = []
     try:
-        if resolved is None:
-            raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        resolved = _resolved(s, name)
         for repo, origin, output, user in targets:
             publisher = ctx.publisher(repo)
             if publisher.is_open():

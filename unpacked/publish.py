@@ -107,9 +107,8 @@ class LocalPublisher(Publisher):
 
     kind = "local"
 
-    def __init__(self, name: str, root: Path, cache_dir: Path, copy: bool = False):
+    def __init__(self, name: str, root: Path, cache_dir: Path):
         super().__init__(name, root, cache_dir)
-        self.copy = copy
         self.meta = root / ".unpacked"
         self.journal = self.meta / "journal.jsonl"
         self.backups = self.meta / "backup"
@@ -256,4 +255,4 @@ def make(name: str, settings) -> Publisher:
     if settings.publisher == "cvmfs":
         return CvmfsPublisher(name, root, settings.cache_dir, settings.cvmfs_server,
                               settings.cvmfs_spool)
-    return LocalPublisher(name, root, settings.cache_dir, copy=settings.flatten == "copy")
+    return LocalPublisher(name, root, settings.cache_dir)

@@ -38,6 +38,11 @@ class Settings:
     gc_prune_gone: bool = False         # remove images whose tag is gone upstream
     now: float = 0.0                    # the clock of garbage collection (tests); 0: real time
 
+    @property
+    def flatten_mode(self) -> str:
+        """How flat images are written: CVMFS breaks cross-folder hardlinks, so it copies."""
+        return "copy" if self.publisher == "cvmfs" or self.flatten == "copy" else "hardlink"
+
     def clock(self) -> float:
         return self.now or time.time()
 

@@ -143,7 +143,7 @@ def task_flat():
     for config, entry in sorted(plan.flats.items()):
         resolved: Resolved = entry["resolved"]
         repos = sorted(entry["repos"])
-        mode = "copy" if s.publisher == "cvmfs" or s.flatten == "copy" else "hardlink"
+        mode = s.flatten_mode
         key = hashlib.sha256(json.dumps([config, [x.digest for x in resolved.layers], mode,
                                          SANDBOX_VERSION]).encode()).hexdigest()
         dirs = [str(s.repo_root / r / ".flat" / hex_of(config)) for r in repos]
