@@ -156,9 +156,6 @@ class Reporter(ConsoleReporter):
             return                       # a consequence: the cause is reported on its own
         self._failed_task(task, _task_reason(fail))
 
-    def runtime_error(self, msg):
-        self.runtime_errors.append(msg)
-
     # -- end ----------------------------------------------------------------------------------
 
     def complete_run(self):
@@ -166,7 +163,7 @@ class Reporter(ConsoleReporter):
             self._close_transactions()
             if not self.interrupted:
                 if self._changed():
-                    start_gc_clocks(self.settings, report=False)   # what it unreferenced
+                    start_gc_clocks(self.settings, end=True)   # what it unreferenced
                 if self.settings.gc:
                     prune_task_rows(self.settings, self.task_names)
         finally:
@@ -318,14 +315,16 @@ def prepare_run(settings: Settings, resolve: bool = True) -> Run:
     return run
 
 
-def start_gc_clocks(settings: Settings, report: bool = True) -> None:
-    """Record, for each repository, what lost its last reference (and say what is gone)."""
+def start_gc_clocks(settings: Settings, end: bool = False) -> None:
+    """Record, for each repository, what lost its last reference; at the start of a run also
+    say what is gone upstream."""
     from .plan import current_plan, gc_plan, recorded_tasks
     plan = current_plan()
-    plan.recorded = recorded_tasks(settings)     # at the end of a run: what it just recorded
+    if end:
+        plan.recorded = recorded_tasks(settings)    # what this run just recorded (thin pushes)
     for repo in plan.repos:
         result = gc_plan(plan, repo, save=True)
-        for name in result.gone if report else ():
+        for name in () if end else result.gone:
             log.warning("%s: %s is gone upstream; kept (gc_prune_gone=1 removes it)", repo, name)
 
 
@@ -347,14 +346,12 @@ def check_push_credentials(settings: Settings) -> None:
     from .reference import parse
     from .registry.auth import find_credential
     from .thin import PASSWORD_ENV, password
-    warned = set()
     for recipe in load(settings.recipe_path):
         if not recipe.output_format or not recipe.inputs:
             continue
         host = parse(recipe.output_of(recipe.inputs[0].ref)).api_host
-        if (recipe.user and password()) or find_credential(host) or (recipe.path, host) in warned:
+        if (recipe.user and password()) or find_credential(host):
             continue
-        warned.add((recipe.path, host))
         log.warning("%s: thin images go to %s but no credentials are set (%s for user %s, or "
                     "a Docker config entry for %s); pushes will be tried anonymously",
                     recipe.path, host, PASSWORD_ENV, recipe.user, host)
