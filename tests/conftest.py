@@ -33,25 +33,25 @@ def unique(prefix: str = "img") -> str:
     return f"test/{prefix}{next(_names)}"
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("reg-none"), "none")
+def _serve(tmp_path_factory, auth: str):
+    reg = Registry(tmp_path_factory.mktemp(f"reg-{auth}"), auth)
     yield reg
     reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    yield from _serve(tmp_path_factory, "none")
 
 
 @pytest.fixture(scope="session")
 def basic_registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("reg-basic"), "basic")
-    yield reg
-    reg.stop()
+    yield from _serve(tmp_path_factory, "basic")
 
 
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("reg-token"), "token")
-    yield reg
-    reg.stop()
+    yield from _serve(tmp_path_factory, "token")
 
 
 @pytest.fixture(scope="session")

@@ -169,13 +169,16 @@ class Registry:
         access = [{"type": "repository", "name": repo, "actions": ["pull", "push"]}]
         return {"Authorization": "Bearer " + self.issuer.sign(USER, access)}
 
+    def _accept(self, repo: str) -> dict:
+        accept = ("application/vnd.oci.image.manifest.v1+json, "
+                  "application/vnd.oci.image.index.v1+json")
+        return {"Accept": accept, **self.token_for(repo)}
+
     def retag(self, repo: str, source_tag: str, tags: list[str]) -> None:
         """Point more tags at one manifest (a registry stores many tags for few manifests)."""
         s = self.session()
-        accept = ("application/vnd.oci.image.manifest.v1+json, "
-                  "application/vnd.oci.image.index.v1+json")
-        headers = {"Accept": accept, **self.token_for(repo)}
-        r = s.get(f"http://{self.host}/v2/{repo}/manifests/{source_tag}", headers=headers)
+        r = s.get(f"http://{self.host}/v2/{repo}/manifests/{source_tag}",
+                  headers=self._accept(repo))
         r.raise_for_status()
         put_headers = {"Content-Type": r.headers["Content-Type"], **self.token_for(repo)}
         for tag in tags:
@@ -185,10 +188,7 @@ class Registry:
     def delete_tag(self, repo: str, tag: str) -> None:
         """Remove a tag upstream (deleting its manifest), as a registry admin would."""
         s = self.session()
-        accept = ("application/vnd.oci.image.manifest.v1+json, "
-                  "application/vnd.oci.image.index.v1+json")
-        headers = {"Accept": accept, **self.token_for(repo)}
-        r = s.head(f"http://{self.host}/v2/{repo}/manifests/{tag}", headers=headers)
+        r = s.head(f"http://{self.host}/v2/{repo}/manifests/{tag}", headers=self._accept(repo))
         r.raise_for_status()
         digest = r.headers["Docker-Content-Digest"]
         s.delete(f"http://{self.host}/v2/{repo}/manifests/{digest}",

@@ -10,7 +10,7 @@ import pytest
 from conftest import unique
 from images import Entry
 from site_helper import Site
-from test_pipeline import _temps, _wait_for, push, run_interrupted_later
+from test_pipeline import push, run_interrupted_later, start_slow
 
 
 @pytest.fixture
@@ -84,11 +84,7 @@ def test_sigterm_aborts_and_restores(registry, layout, cvmfs_site, proxy):
 def test_crash_leftover_is_aborted_foreign_is_not_stolen(registry, layout, cvmfs_site, proxy):
     site = cvmfs_site
     repo = unique("crash")
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
-    site.recipe([f"http://{proxy.host}/{repo}:v1"])
-    run = site.start()
-    assert _wait_for(lambda: _temps(site))
+    _, run = start_slow(registry, layout, site, proxy, repo, 2 << 20, 0.05)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     proxy.clear()

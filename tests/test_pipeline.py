@@ -149,13 +149,21 @@ def _temps(site):
     return [n for n in os.listdir(layers) if n.startswith(".")] if layers.exists() else []
 
 
-def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
-    repo = unique("killed")
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(3 << 20))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
-    site.recipe([f"http://{proxy.host}/{repo}:v1"])
+def start_slow(registry, layout, site, proxy, repo: str, size: int, delay: float,
+               also: tuple[str, ...] = ()):
+    """Start a run whose image has a big layer served slowly; return once its ingest is
+    under way (``also``: more inputs of the recipe, listed first)."""
+    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(size))])
+    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=delay)
+    site.recipe([*also, f"http://{proxy.host}/{repo}:v1"])
     run = site.start()
     assert _wait_for(lambda: _temps(site)), "the ingest never started"
+    return img, run
+
+
+def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
+    repo = unique("killed")
+    img, run = start_slow(registry, layout, site, proxy, repo, 3 << 20, 0.05)
     time.sleep(0.3)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
@@ -173,12 +181,7 @@ def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
 
 
 def test_second_run_exits_at_once(registry, layout, site, proxy):
-    repo = unique("slow")
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.03)
-    site.recipe([f"http://{proxy.host}/{repo}:v1"])
-    first = site.start()
-    assert _wait_for(lambda: _temps(site))
+    _, first = start_slow(registry, layout, site, proxy, unique("slow"), 2 << 20, 0.03)
     before = sorted(os.listdir(site.repo_root))
     started = time.monotonic()
     second = site.doit()
@@ -273,12 +276,8 @@ def run_interrupted_later(registry, layout, site, proxy, snapshot):
     site.recipe([f"http://{proxy.host}/{first}:v1"])
     assert site.doit().returncode == 0
     before = snapshot()
-    repo = unique("term")
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(2 << 20))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.05)
-    site.recipe([f"http://{proxy.host}/{first}:v1", f"http://{proxy.host}/{repo}:v1"])
-    run = site.start()
-    assert _wait_for(lambda: _temps(site)), "the ingest never started"
+    _, run = start_slow(registry, layout, site, proxy, unique("term"), 2 << 20, 0.05,
+                        also=(f"http://{proxy.host}/{first}:v1",))
     time.sleep(0.3)
     return before, run
 
