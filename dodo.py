@@ -8,9 +8,9 @@
 import sys
 
 from unpacked import log
-from unpacked.doit_ext import check_recipes, doit_config, is_run, prepare_run
-from unpacked.plan import current_settings
-from unpacked.tasks import (  # noqa: F401  (doit finds task_* here)
+from unpacked.build.plan import current_settings
+from unpacked.build.run import check_recipes, doit_config, is_run, prepare_run
+from unpacked.build.tasks import (  # noqa: F401  (doit finds task_* here)
     task__txn,
     task_flat,
     task_gc,

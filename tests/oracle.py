@@ -8,7 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from unpacked import sandbox
+from unpacked.image import sandbox
 
 SANDBOX_FILES = {".singularity.d", "etc/hosts", "etc/resolv.conf", *sandbox.LINKS}
 

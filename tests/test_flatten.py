@@ -12,8 +12,9 @@ from conftest import unique
 from images import Entry, Layout, skopeo_copy, tar_bytes
 from oracle import differences, link_groups, umoci_rootfs
 
-from unpacked import convert, flatten, reference
-from unpacked.repository import Repository
+from unpacked import reference
+from unpacked.image import convert, flatten
+from unpacked.repo.layout import Repository
 
 LONG = "deep/" + "x" * 120 + "/" + "y" * 140
 LATIN1 = "caf\udce9"

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 from images import Entry, tar_bytes
 
-from unpacked import layers
-from unpacked.layers import LayerError
+from unpacked.image import ingest as layers
+from unpacked.image.ingest import LayerError
 
 
 def sha(data: bytes) -> str:
@@ -260,11 +260,12 @@ def test_foreign_layer_needs_the_setting(tmp_path):
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from unpacked import convert, reference
+    from unpacked import reference
     from unpacked.errors import UnpackedError
+    from unpacked.image import convert
     from unpacked.registry.client import RegistryClient
-    from unpacked.repository import Repository
-    from unpacked.resolved import Layer
+    from unpacked.registry.resolved import Layer
+    from unpacked.repo.layout import Repository
 
     raw = tar_bytes([Entry("Windows/foreign.txt", b"from elsewhere")])
     data = gzip.compress(raw, mtime=0)

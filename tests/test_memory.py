@@ -13,7 +13,7 @@ CHILD = textwrap.dedent("""
     import hashlib, io, json, os, resource, sys, tarfile
     from isal import igzip
     from pathlib import Path
-    from unpacked import layers
+    from unpacked.image import ingest as layers
 
     work = Path(sys.argv[1])
     size = 1 << 30
@@ -57,7 +57,7 @@ CHILD = textwrap.dedent("""
 INGEST = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from unpacked import layers
+    from unpacked.image import ingest as layers
 
     def hwm_kib():
         # VmHWM belongs to this process image; ru_maxrss would carry the parent's over exec

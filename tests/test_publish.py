@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from unpacked.fsutil import temp_sibling
-from unpacked.publish import LocalPublisher, TransactionError
+from unpacked.repo.fs import temp_sibling
+from unpacked.repo.publish import LocalPublisher, TransactionError
 
 
 def place(repo, rel: str, text: str):

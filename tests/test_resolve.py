@@ -3,8 +3,8 @@
 from conftest import push_simple, unique
 
 from unpacked import recipe
-from unpacked.resolve import Resolver, expand, match_tags
-from unpacked.state import State
+from unpacked.build.refresh import Resolver, expand, match_tags
+from unpacked.build.state import State
 
 
 def make_recipe(tmp_path, host, images):

@@ -13,8 +13,9 @@ import pytest
 from conftest import unique
 from images import Entry, Layout, skopeo_copy, tar_bytes
 
-from unpacked import convert, reference, sandbox
-from unpacked.repository import Repository
+from unpacked import reference
+from unpacked.image import convert, sandbox
+from unpacked.repo.layout import Repository
 
 TRICKY_ENV = ["PATH=/opt/my bin:/usr/bin:/bin", "DOLLAR=$HOME and ${X:-y}",
               'QUOTES=say "hi" and \'bye\'', "BACK=a\\b\\\\c", "TICK=`id`", "BRACE=a}b{c",

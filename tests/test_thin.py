@@ -14,8 +14,8 @@ from registry import PASSWORD, USER
 from site_helper import Site
 from test_pipeline import push
 
-from unpacked import thin
-from unpacked.resolved import Layer, Resolved
+from unpacked.image import thin
+from unpacked.registry.resolved import Layer, Resolved
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import log, recipe, reference, settings
-from .context import context
+from .build.context import context
 from .errors import BadReference, RecipeError, UnpackedError
 
 
@@ -91,8 +91,8 @@ def gc_command(dry_run: bool) -> None:
 
     Deleting happens inside a transaction: `doit` (when the gc setting is on) or `doit gc`.
     """
-    from . import gc
-    from .plan import build_plan, gc_plan
+    from .build.plan import build_plan, gc_plan
+    from .repo import gc
     s = _settings()
     plan = build_plan(s)
     now = s.clock()

@@ -21,9 +21,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import DigestMismatch, NotFound, RegistryError, Unauthorized, Unsupported
 from ..reference import ImageRef
-from ..resolved import Layer, Resolved
 from . import platform as platforms
 from .auth import RegistryAuth, TokenStore, find_credential
+from .resolved import Layer, Resolved
 from .retry import RetryAdapter, RetryPolicy, retry_after, retryable_status
 
 log = logging.getLogger(__name__)

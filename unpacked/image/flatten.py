@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layers import CATALOG, OPAQUE, WHITEOUT
+from .ingest import CATALOG, OPAQUE, WHITEOUT
 
 log = logging.getLogger(__name__)
 IS_ROOT = os.geteuid() == 0

@@ -24,8 +24,8 @@ from typing import BinaryIO
 import zstandard
 from isal import igzip
 
-from .errors import UnpackedError
-from .fsutil import remove_tree, replace_dir, temp_sibling
+from ..errors import UnpackedError
+from ..repo.fs import remove_tree, replace_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from .publish import Publisher, make
-from .settings import Settings
+from ..repo.publish import Publisher, make
+from ..settings import Settings
 from .state import State
 
 
@@ -36,9 +36,9 @@ class Context:
     def _new_client(self, credentials=None):
         """A registry client with the settings' retries, timeout and token cache (requests is
         imported only here: ``doit list`` never needs it)."""
-        from .registry.auth import find_credential
-        from .registry.client import RegistryClient
-        from .registry.retry import RetryPolicy
+        from ..registry.auth import find_credential
+        from ..registry.client import RegistryClient
+        from ..registry.retry import RetryPolicy
         s = self.settings
         policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
         return RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout,
@@ -54,8 +54,8 @@ class Context:
         """A client for thin-image pushes: the recipe's user with DUCC_OUTPUT_REGISTRY_PASS,
         else the Docker/Podman credential files."""
         if user not in self._pushers:
-            from .registry.auth import Credential, find_credential
-            from .thin import password
+            from ..image.thin import password
+            from ..registry.auth import Credential, find_credential
             secret = password()
 
             def credentials(host: str):

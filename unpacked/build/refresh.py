@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import NotFound, UnpackedError
-from .recipe import Input, Recipe
-from .reference import ImageRef
-from .resolved import Resolved
+from ..errors import NotFound, UnpackedError
+from ..recipe import Input, Recipe
+from ..reference import ImageRef
+from ..registry.resolved import Resolved
 from .state import State
 
 if TYPE_CHECKING:        # `doit list` must not pay for importing requests
-    from .registry.client import RegistryClient
+    from ..registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 

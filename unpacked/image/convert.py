@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import time
 
-from . import flatten, layers, sandbox
-from .errors import UnpackedError
-from .fsutil import remove_tree, temp_sibling
-from .layers import CATALOG
-from .reference import ImageRef
-from .registry.client import RegistryClient
-from .repository import Repository
-from .resolved import Layer, Resolved
+from ..errors import UnpackedError
+from ..reference import ImageRef
+from ..registry.client import RegistryClient
+from ..registry.resolved import Layer, Resolved
+from ..repo.fs import remove_tree, temp_sibling
+from ..repo.layout import Repository
+from . import flatten, sandbox
+from . import ingest as layers
+from .ingest import CATALOG
 
 log = logging.getLogger(__name__)
 

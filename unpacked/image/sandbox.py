@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .fsutil import make_dirs, remove_tree
+from ..repo.fs import make_dirs, remove_tree
 
 ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DIRS = (".singularity.d/libs", ".singularity.d/actions", ".singularity.d/env", "dev", "proc",

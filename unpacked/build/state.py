@@ -11,7 +11,7 @@ from pathlib import Path
 
 import diskcache
 
-from .resolved import Resolved
+from ..registry.resolved import Resolved
 
 
 class State:

@@ -16,6 +16,9 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UnpackedError
+from ..registry.resolved import Resolved
+from ..repo.layout import hex_of, public_target
 from .actions import (
     begin_transaction,
     fail,
@@ -26,7 +29,6 @@ from .actions import (
     push_thin,
     run_gc,
 )
-from .errors import UnpackedError
 from .plan import (
     SANDBOX_VERSION,
     ImagePlan,
@@ -36,8 +38,6 @@ from .plan import (
     recipes_or_none,
     thin_targets,
 )
-from .repository import hex_of, public_target
-from .resolved import Resolved
 
 # -- up-to-date checks (run in doit's main process: cheap, offline, never raising) --------------
 

@@ -18,9 +18,9 @@ import time
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
-from . import log as logs
-from .errors import RecipeError, UnpackedError
-from .settings import Settings
+from .. import log as logs
+from ..errors import RecipeError, UnpackedError
+from ..settings import Settings
 
 log = logging.getLogger("unpacked.run")
 
@@ -342,10 +342,10 @@ def prune_task_rows(settings: Settings, names: set[str]) -> int:
 
 def check_push_credentials(settings: Settings) -> None:
     """Say once, at the start, when a recipe pushes thin images with no credentials at all."""
-    from .recipe import load
-    from .reference import parse
-    from .registry.auth import find_credential
-    from .thin import PASSWORD_ENV, password
+    from ..image.thin import PASSWORD_ENV, password
+    from ..recipe import load
+    from ..reference import parse
+    from ..registry.auth import find_credential
     for recipe in load(settings.recipe_path):
         if not recipe.output_format or not recipe.inputs:
             continue
@@ -382,7 +382,7 @@ def default_jobs() -> int:
 
 def check_recipes(settings: Settings) -> None:
     """Fail at load with file:line:key errors rather than a traceback from inside doit."""
-    from .recipe import load
+    from ..recipe import load
     try:
         load(settings.recipe_path)
     except RecipeError as exc:

@@ -16,9 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import UnpackedError
-from .fsutil import remove_tree, write_atomic
-from .repository import Repository
+from ..errors import UnpackedError
+from .fs import remove_tree, write_atomic
+from .layout import Repository
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 from doit import get_var
 
-from . import recipe as recipes
-from . import settings as settings_mod
+from .. import recipe as recipes
+from .. import settings as settings_mod
+from ..errors import UnpackedError
+from ..recipe import Input, Recipe
+from ..reference import ImageRef
+from ..registry.resolved import Resolved
+from ..settings import Settings
 from .context import context
-from .errors import UnpackedError
-from .recipe import Input, Recipe
-from .reference import ImageRef
-from .resolve import expand
-from .resolved import Resolved
-from .settings import Settings
+from .refresh import expand
 
 SANDBOX_VERSION = 1          # bump when the sandbox files change: every flat image is rebuilt
 
@@ -142,7 +142,7 @@ def recipes_or_none(s: Settings) -> list[Recipe]:
 
 def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
     """Where an image's thin images go, and the key that says they are pushed as they are."""
-    from . import thin
+    from ..image import thin
     resolved = items[0].resolved
     targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
                for i in items if i.recipe.output_format]
@@ -157,7 +157,7 @@ def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
 
 def gc_wants(plan: Plan, repo: str):
     """What the recipes want kept in ``repo``, from the plan (offline)."""
-    from . import gc
+    from ..repo import gc
     state = context(plan.settings).state
     wants = gc.Wants()
     for r in plan.recipes:
@@ -187,7 +187,7 @@ def gc_wants(plan: Plan, repo: str):
 
 def gc_plan(plan: Plan, repo: str, save: bool):
     """The garbage collection of ``repo`` now; ``save`` records the clocks."""
-    from . import gc
+    from ..repo import gc
     s = plan.settings
     clocks_file = gc.Clocks(s.cache_dir, repo)
     clocks = clocks_file.load()

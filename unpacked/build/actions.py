@@ -10,10 +10,10 @@ import logging
 import time
 from pathlib import Path
 
+from ..errors import Unauthorized, UnpackedError
+from ..settings import Settings
 from .context import context
-from .errors import Unauthorized, UnpackedError
 from .plan import current_plan, gc_plan, load_recipes
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _failed(exc: UnpackedError) -> dict:
 
 def run_resolve(s: Settings) -> None:
     """Resolve every input over the network; failures are kept per image for its task."""
-    from .resolve import Resolver
+    from .refresh import Resolver
     ctx = context(s)
     started = time.monotonic()
     resolver = Resolver(ctx.client, ctx.state, s.platform, s.registry_jobs)
@@ -61,9 +61,9 @@ def begin_transaction(s: Settings, repo: str) -> dict:
 
 
 def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict:
-    from .convert import ingest_layer
-    from .reference import parse
-    from .resolved import Layer
+    from ..image.convert import ingest_layer
+    from ..reference import parse
+    from ..registry.resolved import Layer
     ctx = context(s)
     item = Layer(**layer)
     try:
@@ -77,7 +77,7 @@ def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict:
 
 
 def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict:
-    from .convert import build_flat
+    from ..image.convert import build_flat
     ctx = context(s)
     try:
         resolved = _resolved(s, name)
@@ -90,7 +90,7 @@ def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict:
 
 def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict:
     """Write metadata and flip the public link in each ``(repo, public path, input)``."""
-    from .convert import link_image
+    from ..image.convert import link_image
     ctx = context(s)
     changes = []
     try:
@@ -116,8 +116,8 @@ def fail(reason: str) -> dict:
 def push_thin(s: Settings, name: str, targets: list[tuple[str, str, str, str | None]],
               key: str) -> dict:
     """Push the thin image of ``name`` for each ``(repo, origin, output, user)``."""
-    from . import thin
-    from .reference import parse
+    from ..image import thin
+    from ..reference import parse
     ctx = context(s)
     pushed = []
     try:
@@ -189,7 +189,7 @@ def run_message(s: Settings, repo: str) -> str:
 
 def run_gc(s: Settings, repo: str) -> dict:
     """Delete what is due (oldest first, at most gc_max_deletions) inside the transaction."""
-    from . import gc
+    from ..repo import gc
     plan = current_plan()
     result = gc_plan(plan, repo, save=False)
     repository = context(s).publisher(repo).repository()

@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fsutil import is_temp, remove_tree, write_atomic
-from .repository import Repository, hex_of, read_json
+from .fs import is_temp, remove_tree, write_atomic
+from .layout import Repository, hex_of, read_json
 
 log = logging.getLogger(__name__)
 DAY = 86400.0

@@ -15,8 +15,8 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from .reference import ImageRef
-from .resolved import Resolved
+from ..reference import ImageRef
+from ..registry.resolved import Resolved
 
 VERSION = 1                   # bump when the bytes below change: every thin image is re-pushed
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UnpackedError
-from .fsutil import is_temp, make_dirs, remove_tree, replace_dir, symlink_atomic, temp_sibling
+from ..errors import UnpackedError
+from .fs import is_temp, make_dirs, remove_tree, replace_dir, symlink_atomic, temp_sibling
 
 
 def hex_of(digest: str) -> str:
