@@ -21,7 +21,7 @@ from isal import igzip
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from images import skopeo_copy  # noqa: E402
+from helpers.images import skopeo_copy  # noqa: E402
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(HERE))
 
 from build import build_all  # noqa: E402
-from faults import FaultProxy  # noqa: E402
-from registry import Registry  # noqa: E402
+from helpers.faults import FaultProxy  # noqa: E402
+from helpers.registry import Registry  # noqa: E402
 
 
 def sh(cmd: str, cwd: Path | None = None) -> None:

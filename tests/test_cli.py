@@ -3,7 +3,7 @@
 import json
 import subprocess
 
-from conftest import push_simple, unique
+from helpers import push_simple, unique
 
 
 def run(*args, env=None):
@@ -30,7 +30,7 @@ def test_check_errors_exit_nonzero_without_traceback(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("version: 1\ncvmfs_repo: r.cern.ch\ninput:\n  - Fedora\n")
     done = run("check", str(path))
-    assert done.returncode == 1
+    assert done.returncode == 3                 # a bad recipe: README's exit code 3
     assert done.stderr.startswith(f"error: {path}:4: input: 'Fedora'")
     assert "Traceback" not in done.stderr
 
@@ -48,7 +48,7 @@ def test_manifest_prints_resolved_image(registry, layout, tmp_path):
     assert img.layers[0] in done.stdout and '["/bin/echo", "hi"]' in done.stdout
     done = run("manifest", "--json", f"http://{registry.host}/{repo}:v1", env=env)
     doc = json.loads(done.stdout)
-    assert doc["config"]["config"]["Entrypoint"] == ["/bin/echo", "hi"]
+    assert doc["images"][0]["config"]["config"]["Entrypoint"] == ["/bin/echo", "hi"]
     done = run("manifest", f"http://{registry.host}/{repo}:missing", env=env)
     assert done.returncode == 1 and "MANIFEST_UNKNOWN" in done.stderr
     assert "Traceback" not in done.stderr

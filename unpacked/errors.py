@@ -1,15 +1,50 @@
-"""Errors a user can act on: each carries one clear line, never a traceback."""
+"""Errors a user can act on: each carries one clear line and the exit code it means.
+
+Entry points (``doit`` via dodo.py, the ``unpacked`` CLI) print them with one handler each;
+no call site chooses an exit code. Text that came from the network goes through
+``sanitize`` before it is put in a message.
+"""
+
+from __future__ import annotations
+
+import re
+
+EXIT_OK = 0
+EXIT_FAILED = 1        # some images or thin-image pushes failed; the rest was published
+EXIT_SETUP = 3         # bad recipe or settings, or an error outside tasks
+EXIT_BUSY = 75         # another run holds the lock, or a foreign transaction is open: try later
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
+
+
+def sanitize(text: object, limit: int = 300) -> str:
+    """Remote text made safe to print: one line, printable, bounded (no forged log lines, no
+    terminal escapes)."""
+    out = _UNPRINTABLE.sub(" ", str(text)).strip()
+    out = re.sub(r" {2,}", " ", out)
+    return out if len(out) <= limit else out[:limit] + "…"
 
 
 class UnpackedError(Exception):
     """Base of every error caused by input, a registry or the environment, not by a bug."""
 
+    exit_code = EXIT_SETUP
+
+    def messages(self) -> list[str]:
+        """What to print: one line per problem."""
+        return str(self).splitlines() or [type(self).__name__]
+
+
+class SettingsError(UnpackedError):
+    """A setting has an unknown name or a value out of range."""
+
 
 class RecipeError(UnpackedError):
-    """A recipe file is malformed; the message names file, line and key."""
+    """A recipe file is malformed; each line names file, line and key."""
 
     def __init__(self, lines: list[str]):
-        self.lines = lines
+        self.lines = list(lines)
         super().__init__("\n".join(lines))
 
 
@@ -17,8 +52,20 @@ class BadReference(UnpackedError):
     """An image reference cannot be parsed."""
 
 
-class RegistryError(UnpackedError):
-    """A registry refused or failed a request; the message names image and the registry's answer."""
+class Busy(UnpackedError):
+    """Another run holds the lock, or a transaction this tool did not open: try later."""
+
+    exit_code = EXIT_BUSY
+
+
+class ImageError(UnpackedError):
+    """One image (or layer) cannot be converted; other images go on."""
+
+    exit_code = EXIT_FAILED
+
+
+class RegistryError(ImageError):
+    """A registry refused or failed a request; the message names the image and the answer."""
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None):
         self.status = status
@@ -40,3 +87,11 @@ class DigestMismatch(RegistryError):
 
 class Unsupported(RegistryError):
     """A manifest kind we deliberately do not convert (schema1, artifacts)."""
+
+
+class BadDocument(RegistryError):
+    """A registry document (manifest, index, config, tag list, token) breaks its format."""
+
+
+class Unreachable(RegistryError):
+    """The registry cannot be reached at all (name resolution, TLS, refused connection)."""

@@ -21,9 +21,10 @@ PLACEHOLDERS = ("scheme", "registry", "repository", "tag", "digest", "reference"
 _HOST = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
                    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$")
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+DIGEST = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 _GLOB_TAG = re.compile(r"^[a-zA-Z0-9_.*?\[\]!-]{1,128}$")
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_ANY_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 _PLACEHOLDER = re.compile(r"\$\(([^)]*)\)")
 
@@ -72,6 +73,10 @@ class ImageRef:
         return f"{self.scheme}://{self.name}"
 
     def with_tag(self, tag: str) -> ImageRef:
+        """This reference with another tag (one a registry listed): checked, since a tag ends
+        up in paths."""
+        if not is_tag(tag):
+            raise BadReference(f"{self.registry}/{self.repository}: invalid tag {tag!r}")
         return replace(self, tag=tag)
 
     def placeholders(self) -> dict[str, str]:
@@ -81,6 +86,15 @@ class ImageRef:
 
     def __str__(self) -> str:
         return self.name
+
+
+def is_digest(text: object) -> bool:
+    """A digest safe to use as a folder name: sha256 or sha512, lowercase hex."""
+    return isinstance(text, str) and DIGEST.match(text) is not None
+
+
+def is_tag(text: object) -> bool:
+    return isinstance(text, str) and TAG.match(text) is not None
 
 
 def parse(text: str) -> ImageRef:
@@ -127,16 +141,17 @@ def parse(text: str) -> ImageRef:
         if not tag:
             raise BadReference(f"{text!r}: empty tag after ':'")
         glob = any(c in GLOB_CHARS for c in tag)
-        if not (_GLOB_TAG if glob else _TAG).match(tag):
+        if not (_GLOB_TAG if glob else TAG).match(tag):
             raise BadReference(f"{text!r}: invalid tag {tag!r}")
     if digest:
-        if not _DIGEST.match(digest):
+        if not _ANY_DIGEST.match(digest):
             raise BadReference(f"{text!r}: invalid digest {digest!r}")
-        algorithm, _, encoded = digest.partition(":")
-        if algorithm == "sha256" and not re.fullmatch(r"[a-f0-9]{64}", encoded):
-            raise BadReference(f"{text!r}: a sha256 digest is 64 lowercase hex digits")
+        algorithm = digest.partition(":")[0]
         if algorithm not in ("sha256", "sha512"):
             raise BadReference(f"{text!r}: unsupported digest algorithm {algorithm!r}")
+        if not is_digest(digest):
+            raise BadReference(f"{text!r}: a {algorithm} digest is lowercase hex digits "
+                               f"({64 if algorithm == 'sha256' else 128} of them)")
         if tag is not None and any(c in GLOB_CHARS for c in tag):
             raise BadReference(f"{text!r}: a wildcard tag cannot be pinned to a digest")
     if host in DOCKER_HUB_HOSTS and "/" not in repository:

@@ -1,214 +1,268 @@
-"""The actions of doit's tasks: module-level functions, picklable for ``doit -n N``.
+"""The actions of doit's tasks: module-level functions of the run's ``Context``.
 
-An image's own failure is returned as a value (``{"failed": reason}``) rather than raised, so
-doit goes on to publish what succeeded; the reporter counts it and sets the exit code.
+They are picklable (doit may start workers by fork, forkserver or spawn). Each raises on
+failure, and ``@step`` turns an image's own failure into a value (``{"failed": reason}``)
+rather than a doit failure, so that doit goes on to publish what succeeded; the reporter
+counts it and sets the exit code. A failure that must stop the tasks behind it (the
+transaction cannot be opened) is a doit failure instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
+import os
 from pathlib import Path
 
-from ..errors import Unauthorized, UnpackedError
-from ..settings import Settings
-from .context import context
-from .plan import current_plan, gc_plan, load_recipes
+from doit.exceptions import TaskFailed
+
+from ..errors import ImageError, Unauthorized, UnpackedError, sanitize
+from ..reference import parse
+from ..registry.resolved import Layer, PlatformImage, Resolved
+from .context import Context
 
 log = logging.getLogger(__name__)
 
 
-def _failed(exc: UnpackedError) -> dict:
-    """A failure that is the image's, not the run's: recorded as a value, so that doit goes
-    on to ``publish`` (what succeeded is published) while the reporter counts it as failed.
-    Every up-to-date check asks for the value of a success, so the task runs again next time.
-    """
-    log.error("%s", exc)
-    return {"failed": str(exc)}
+def step(action):
+    """Run an action; an UnpackedError (or a filesystem error) becomes a failure value."""
+    @functools.wraps(action)
+    def run(ctx: Context, *args, **kwargs) -> dict:
+        try:
+            values = action(ctx, *args, **kwargs) or {}
+        except (UnpackedError, OSError) as exc:
+            reason = sanitize(_reason(exc), 1000)
+            log.error("%s", reason)
+            values = {"failed": reason}
+        return dict(values, set=ctx.recipe_set_id)
+    return run
 
 
-def run_resolve(s: Settings) -> None:
-    """Resolve every input over the network; failures are kept per image for its task."""
-    from .refresh import Resolver
-    ctx = context(s)
-    started = time.monotonic()
-    resolver = Resolver(ctx.client, ctx.state, s.platform, s.registry_jobs)
-    outcomes, problems = resolver.run(load_recipes(s))
-    for line in problems:
-        log.warning("%s", line)
-    failed = [o for o in outcomes if o.error]
-    for o in failed:
-        log.warning("%s", o.error)
-    changed = sum(1 for o in outcomes if o.changed)
-    log.info("resolved %d images in %.1fs: %d changed, %d failed", len(outcomes),
-             time.monotonic() - started, changed, len(failed))
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, UnpackedError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or type(exc).__name__}{where}"
+    return str(exc)
 
 
-def _resolved(s: Settings, name: str):
+def _resolved(ctx: Context, name: str) -> Resolved:
     """The resolved state the plan was made from (resolved before tasks were generated)."""
-    resolved = context(s).state.resolved(name, s.platform)
+    resolved = ctx.state.resolved(name)
     if resolved is None:
-        raise UnpackedError(f"{name}: no resolved state in the cache; run doit again")
+        raise ImageError(f"{name}: no resolved state in the cache; run doit again")
     return resolved
 
 
-def begin_transaction(s: Settings, repo: str) -> dict:
+def _image(ctx: Context, name: str, config: str) -> PlatformImage:
+    for image in _resolved(ctx, name).images:
+        if image.config_digest == config:
+            return image
+    raise ImageError(f"{name}: no platform image with config {config} in the cache; run "
+                     "doit again")
+
+
+def begin(ctx: Context, repo: str) -> TaskFailed | None:
+    """Open the repository's transaction; if that fails, nothing behind it may run."""
     try:
-        context(s).publisher(repo).begin()
+        ctx.publisher(repo).begin()
     except UnpackedError as exc:
-        return _failed(exc)
-    return {}
+        log.error("%s", exc)
+        return TaskFailed(f"{repo}: transaction not opened: {exc}")
+    return None
 
 
-def ingest(s: Settings, layer: dict, ref_text: str, repos: list[str]) -> dict:
+@step
+def ingest(ctx: Context, sources: list[tuple[str, dict]], repos: list[str]) -> dict:
     from ..image.convert import ingest_layer
-    from ..reference import parse
-    from ..registry.resolved import Layer
-    ctx = context(s)
-    item = Layer(**layer)
-    try:
-        for repo in repos:
-            repository = ctx.publisher(repo).repository()
-            ingest_layer(ctx.client, parse(ref_text), item, repository,
-                         foreign=s.foreign_layers, max_bytes=s.max_layer_bytes)
-    except UnpackedError as exc:
-        return _failed(exc)
-    return {"digest": item.digest}
+    pairs = [(parse(ref), Layer(**{**layer, "urls": tuple(layer["urls"])}))
+             for ref, layer in sources]
+    for repo in repos:
+        ingest_layer(ctx.client, pairs, ctx.publisher(repo).repository(),
+                     foreign=ctx.settings.foreign_layers,
+                     max_bytes=ctx.settings.max_layer_bytes)
+    return {"digest": pairs[0][1].digest}
 
 
-def flatten(s: Settings, name: str, repos: list[str], key: str) -> dict:
+@step
+def flatten(ctx: Context, name: str, config: str, repos: list[str], key: str) -> dict:
     from ..image.convert import build_flat
-    ctx = context(s)
-    try:
-        resolved = _resolved(s, name)
-        for repo in repos:
-            build_flat(ctx.publisher(repo).repository(), resolved, s.flatten_mode)
-    except UnpackedError as exc:
-        return _failed(exc)
+    image = _image(ctx, name, config)
+    for repo in repos:
+        build_flat(ctx.publisher(repo).repository(), name, image, ctx.settings.flatten_mode)
     return {"key": key}
 
 
-def link(s: Settings, name: str, targets: list[tuple[str, str, str]]) -> dict:
-    """Write metadata and flip the public link in each ``(repo, public path, input)``."""
+def _record(ctx: Context, resolved: Resolved, image: PlatformImage, written: str,
+            public: str) -> dict:
+    from ..image.convert import summary
+    record = summary(resolved.name, image, resolved.top_digest, written, public,
+                     resolved.resolved_at)
+    record["platforms"] = [{"platform": i.platform, "arch": i.arch,
+                            "manifest_digest": i.manifest_digest,
+                            "config_digest": i.config_digest,
+                            "layers": [x.digest for x in i.layers]} for i in resolved.images]
+    record["missing_platforms"] = list(resolved.missing)
+    return record
+
+
+@step
+def link_platform(ctx: Context, name: str, config: str, repos: list[str]) -> dict:
+    """One platform of a multi-platform image: its ``.multiarch`` link and metadata."""
     from ..image.convert import link_image
-    ctx = context(s)
+    from ..repo.layout import public_target
+    from ..repo.multiarch import ensure_aliases
+    from .plan import multiarch_name
+    resolved = _resolved(ctx, name)
+    image = _image(ctx, name, config)
+    path = multiarch_name(image.arch, name)
+    for repo in repos:
+        repository = ctx.publisher(repo).repository()
+        link_image(repository, f"{path.split('/', 1)[0]}/{image.arch}/{name}", image,
+                   _record(ctx, resolved, image, name, path), path,
+                   public_target(path, image.config_digest))
+        ensure_aliases(repository)
+    return {"manifest": image.manifest_digest}
+
+
+@step
+def link(ctx: Context, name: str, targets: list[tuple[str, str, str]], variant: bool) -> dict:
+    """Write metadata and flip the public link in each ``(repo, public path, input)``."""
+    from ..image.convert import check_layers, link_image
+    from .plan import public_link
+    resolved = _resolved(ctx, name)
+    first = resolved.images[0]
+    several = len(resolved.images) > 1
     changes = []
-    try:
-        resolved = _resolved(s, name)
-        for repo, public, written in targets:
-            repository = ctx.publisher(repo).repository()
-            before = repository.link_target(public)
-            moved = link_image(repository, resolved, written, public)
-            change = "added" if before is None else "updated" if moved else "rewritten"
-            note_change(s, repo, f"{change} {name}")
-            log.info("%s %s -> .flat/%s", change, public, resolved.config_digest[7:19])
-            changes.append(change)
-    except UnpackedError as exc:
-        return _failed(exc)
-    return {"manifest": resolved.manifest_digest, "change": changes[0] if changes else ""}
+    for repo, public, written in targets:
+        repository = ctx.publisher(repo).repository()
+        for image in resolved.images[1:]:
+            check_layers(repository, name, image)
+        before = repository.link_target(public)
+        target = public_link(public, name, first, several, ctx.settings.cvmfs_arch, variant)
+        moved = link_image(repository, name, first, _record(ctx, resolved, first, written,
+                                                            public), public, target)
+        change = "added" if before is None else "updated" if moved else "rewritten"
+        note_change(ctx, repo, f"{change} {name}")
+        log.info("%s %s -> %s", change, public, target)
+        changes.append(change)
+    return {"manifest": resolved.top_digest, "change": changes[0] if changes else ""}
 
 
-def fail(reason: str) -> dict:
+def fail(ctx: Context, reason: str) -> dict:
     """The task of an image that could not be resolved: fails with the registry's reason."""
-    return {"failed": reason}
+    return {"failed": reason, "set": ctx.recipe_set_id}
 
 
-def push_thin(s: Settings, name: str, targets: list[tuple[str, str, str, str | None]],
+def gone(ctx: Context, reason: str) -> dict:
+    """An image converted before whose tag is now gone upstream: kept, reported."""
+    return {"gone": reason, "set": ctx.recipe_set_id}
+
+
+@step
+def push_thin(ctx: Context, name: str, targets: list[tuple[str, str, str, str | None]],
               key: str) -> dict:
     """Push the thin image of ``name`` for each ``(repo, origin, output, user)``."""
     from ..image import thin
-    from ..reference import parse
-    ctx = context(s)
+    resolved = _resolved(ctx, name)
     pushed = []
-    try:
-        resolved = _resolved(s, name)
-        for repo, origin, output, user in targets:
-            publisher = ctx.publisher(repo)
-            if publisher.is_open():
-                raise UnpackedError(f"{name}: {repo} is not published yet; thin image not "
-                                    "pushed (it would name paths clients cannot see)")
-            repository = publisher.repository()
-            missing = [x.digest for x in resolved.layers if not repository.has_layer(x.digest)]
+    for repo, origin, output, user in targets:
+        publisher = ctx.publisher(repo)
+        if publisher.is_open():
+            raise ImageError(f"{name}: {repo} is not published yet; thin image not pushed (it "
+                             "would name paths clients cannot see)")
+        repository = publisher.repository()
+        for image in resolved.images:
+            missing = [x.digest for x in image.layers if not repository.has_layer(x.digest)]
             if missing:
-                raise UnpackedError(f"{name}: layers missing in {repo}: {', '.join(missing)}")
-            out = parse(output)
-            if out.api_host in ctx.denied:
-                raise UnpackedError(ctx.denied[out.api_host])
-            image = thin.build(origin, repo, resolved)
-            home = ctx.state.blob_home(out.api_host, thin.sha(image.layer))
-            mount = home if home and home != out.repository else None
-            try:
-                thin.push(ctx.pusher(user), out, image, mount)
-            except Unauthorized as exc:
-                who = f"user {user} with {thin.PASSWORD_ENV}" if user and thin.password() \
-                    else "the Docker config's credentials, or none"
-                ctx.denied[out.api_host] = (f"unauthorized for {out.registry}: pushing thin "
-                                            f"images as {who} was refused ({exc.status} "
-                                            f"{exc.code or ''})".replace(" )", ")"))
-                raise UnpackedError(ctx.denied[out.api_host]) from None
-            for blob in (image.layer, image.config):
-                ctx.state.put_blob_home(out.api_host, thin.sha(blob), out.repository)
-            log.info("pushed thin image %s (%s)", output, image.digest[7:19])
-            pushed.append(output)
-    except UnpackedError as exc:
-        return _failed(exc)
+                raise ImageError(f"{name}: layers missing in {repo}: {', '.join(missing)}")
+        out = parse(output)
+        _warn_without_credentials(ctx, out.api_host, user)
+        try:
+            thin.push_all(ctx.pusher(user, out.api_host), out, origin, repo, resolved.images,
+                          ctx.state)
+        except Unauthorized as exc:
+            who = f"user {user} with {thin.PASSWORD_ENV}" if user and thin.password() \
+                else "the Docker config's credentials, or none"
+            raise ImageError(f"unauthorized for {out.registry}: pushing thin images as {who} "
+                             f"was refused ({exc.status} {exc.code or ''})".replace(" )", ")")) \
+                from None
+        log.info("pushed thin image %s", output)
+        pushed.append(output)
     return {"key": key, "pushed": pushed}
 
 
-def publish_repo(s: Settings, repo: str) -> dict:
-    publisher = context(s).publisher(repo)
-    try:
-        publisher.publish(run_message(s, repo))
-    except UnpackedError as exc:
-        return _failed(exc)
-    return {"errors": publisher.leftovers}
+def _warn_without_credentials(ctx: Context, host: str, user: str | None) -> None:
+    """Say so when a push is due with no credentials at all (unless the registry is marked
+    as taking anonymous pushes: setting ``anonymous``)."""
+    from ..image.thin import PASSWORD_ENV, password
+    from ..registry.auth import find_credential
+    if (user and password()) or host in ctx.settings.anonymous or find_credential(host):
+        return
+    log.warning("thin images go to %s but no credentials are set (%s for user %s, or a Docker "
+                "config entry for %s); pushing anonymously (setting anonymous=%s says this is "
+                "intended)", host, PASSWORD_ENV, user, host, host)
 
 
-def _changes_file(s: Settings, repo: str) -> Path:
-    return s.cache_dir / "transactions" / f"{repo}.changes"
+@step
+def publish(ctx: Context, repo: str) -> dict:
+    return {"errors": ctx.publisher(repo).publish(run_message(ctx, repo))}
 
 
-def note_change(s: Settings, repo: str, line: str) -> None:
-    path = _changes_file(s, repo)
+def _changes_file(ctx: Context, repo: str) -> Path:
+    return ctx.settings.cache_dir / "transactions" / f"{repo}.changes"
+
+
+def note_change(ctx: Context, repo: str, line: str) -> None:
+    path = _changes_file(ctx, repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(line + "\n")
 
 
-def run_message(s: Settings, repo: str) -> str:
+def run_message(ctx: Context, repo: str, deleted: int = 0) -> str:
     """The publish message: what this run changed, in a line."""
-    path = _changes_file(s, repo)
+    path = _changes_file(ctx, repo)
     try:
         lines = path.read_text().splitlines()
         path.unlink()
     except FileNotFoundError:
         lines = []
+    gc_lines = [x for x in lines if x.startswith("gc ")]
+    lines = [x for x in lines if not x.startswith("gc ")]
+    deleted += sum(int(x.split()[1]) for x in gc_lines if x.split()[1].isdigit())
     shown = ", ".join(lines[:5]) + (f", +{len(lines) - 5} more" if len(lines) > 5 else "")
-    return f"unpacked: {len(lines)} image(s) changed" + (f": {shown}" if lines else "")
+    text = f"unpacked: {len(lines)} image(s) changed" + (f": {shown}" if lines else "")
+    if deleted:
+        text += f"; gc deleted {deleted}"
+    return text
 
 
-def run_gc(s: Settings, repo: str) -> dict:
+@step
+def collect(ctx: Context, repo: str) -> dict:
     """Delete what is due (oldest first, at most gc_max_deletions) inside the transaction."""
     from ..repo import gc
-    plan = current_plan()
-    result = gc_plan(plan, repo, save=False)
-    repository = context(s).publisher(repo).repository()
-    clocks_file = gc.Clocks(s.cache_dir, repo)
+    from .plan import collection
+    clocks_file = gc.Clocks(ctx.settings.cache_dir, repo)
     clocks = clocks_file.load()
+    result = collection(ctx, ctx.plan, repo, clocks)
+    repository = ctx.publisher(repo).repository()
     deleted, errors = [], []
-    now = s.clock()
+    now = ctx.settings.clock()
     for c in result.due:
         try:
-            gc.delete(repository, c)
+            gc.delete(repository, c, result.protected)
         except (OSError, UnpackedError) as exc:
-            errors.append(f"{gc.describe(c, now)}: not deleted: {exc}")
+            errors.append(f"{gc.describe(c, now)}: not deleted: {_reason(exc)}")
             log.error("%s", errors[-1])
             continue
         clocks.pop(c.key, None)
         deleted.append(gc.describe(c, now))
         log.info("deleted %s", deleted[-1])
     clocks_file.save(clocks)
+    if deleted:
+        note_change(ctx, repo, f"gc {len(deleted)}")
     for c in result.pending:
         log.info("pending: %s", gc.describe(c, now))
     return {"deleted": deleted, "pending": [gc.describe(c, now) for c in result.pending],
-            "gone": result.gone, "errors": errors}
+            "gone": result.gone, "errors": errors, "blocked": result.blocked,
+            "pid": os.getpid()}

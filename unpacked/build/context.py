@@ -1,40 +1,110 @@
-"""What a task action needs, built once per process: settings, registry client, state, publishers.
+"""The one object a run is carried by: settings, recipes, plan and per-process resources.
 
-doit may run actions in forked workers, so nothing here is shared across processes: each
-process builds its own on first use (diskcache and HTTP pools are not fork-safe).
+doit's task generators and actions all receive it; nothing else holds run state. It pickles
+to its settings and recipe set (small), so actions work when doit starts workers by ``fork``,
+``forkserver`` or ``spawn``; each process builds its own registry clients, state cache and
+publishers on first use, since HTTP pools and diskcache handles must not cross a fork.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import multiprocessing
 import os
 import signal
-from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
+from ..recipe import RecipeSet, read
 from ..repo.publish import Publisher, make
 from ..settings import Settings
 from .state import State
 
+if TYPE_CHECKING:                       # `doit list` must not pay for importing requests
+    from ..registry.client import RegistryClient
+    from .plan import Plan
 
-@dataclass
+
 class Context:
-    settings: Settings
-    _client: object = None
-    _state: State | None = None
-    _publishers: dict[str, Publisher] = field(default_factory=dict)
-    _pushers: dict[str | None, object] = field(default_factory=dict)
-    denied: dict[str, str] = field(default_factory=dict)     # output host -> why pushes fail
+    def __init__(self, settings: Settings, recipes: RecipeSet | None = None,
+                 writable: bool = True):
+        self.settings = settings
+        self.writable = writable        # False: a reader of cache/ (doit list as another user)
+        self._recipes = recipes
+        self._pid = os.getpid()
+        self._resources: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "_recipes": self._recipes, "writable": self.writable}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["settings"], state["_recipes"], state["writable"])
+        die_with_parent()                   # a spawned worker
+
+    def _resource(self, key, build):
+        """One of this process's resources; a forked child starts afresh."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._resources = {}
+            self.__dict__.pop("plan", None)
+            die_with_parent()
+        if key not in self._resources:
+            self._resources[key] = build()
+        return self._resources[key]
+
+    # -- what the run works from --------------------------------------------------------------
 
     @property
-    def client(self):
-        """The client for pulls: Docker/Podman credential files."""
-        if self._client is None:
-            self._client = self._new_client()
-        return self._client
+    def recipes(self) -> RecipeSet:
+        """The recipes, read once per run (a broken file is listed, not fatal)."""
+        if self._recipes is None:
+            self._recipes = read(self.settings.recipe_path)
+        return self._recipes
 
-    def _new_client(self, credentials=None):
-        """A registry client with the settings' retries, timeout and token cache (requests is
+    @property
+    def recipe_set_id(self) -> str:
+        """Which recipes this run serves: doit's records are pruned per recipe set."""
+        return hashlib.sha256(str(self.settings.recipe_path).encode()).hexdigest()[:16]
+
+    @cached_property
+    def plan(self) -> Plan:
+        from .plan import build_plan
+        return build_plan(self)
+
+    def replan(self) -> Plan:
+        """The plan again, after the resolve step changed the state."""
+        self.__dict__.pop("plan", None)
+        return self.plan
+
+    @property
+    def state(self) -> State:
+        return self._resource("state", lambda: State(self.settings.cache_dir, self.writable))
+
+    def publisher(self, repo: str) -> Publisher:
+        return self._resource(("publisher", repo), lambda: make(repo, self.settings))
+
+    # -- registries ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> RegistryClient:
+        """The client for pulls: Docker/Podman credential files."""
+        return self._resource("client", self._new_client)
+
+    def pusher(self, user: str | None, host: str) -> RegistryClient:
+        """A client for thin-image pushes to ``host``: the recipe's user with
+        DUCC_OUTPUT_REGISTRY_PASS for that host only, else the credential files."""
+        def build():
+            from ..image.thin import password
+            from ..registry.auth import Credential, only_for
+            secret = password()
+            if user and secret:
+                return self._new_client(only_for(host, Credential(user, secret)))
+            return self._new_client()
+        return self._resource(("pusher", user, host), build)
+
+    def _new_client(self, credentials=None) -> RegistryClient:
+        """A registry client with the settings' retries, timeouts and token cache (requests is
         imported only here: ``doit list`` never needs it)."""
         from ..registry.auth import find_credential
         from ..registry.client import RegistryClient
@@ -42,49 +112,16 @@ class Context:
         s = self.settings
         policy = RetryPolicy(attempts=s.retry_attempts, seconds=s.retry_seconds)
         return RegistryClient(s.cache_dir, policy=policy, timeout=s.timeout,
-                              credentials=credentials or find_credential)
+                              credentials=credentials or find_credential, deadline=s.deadline)
 
-    @property
-    def state(self) -> State:
-        if self._state is None:
-            self._state = State(self.settings.cache_dir)
-        return self._state
-
-    def pusher(self, user: str | None):
-        """A client for thin-image pushes: the recipe's user with DUCC_OUTPUT_REGISTRY_PASS,
-        else the Docker/Podman credential files."""
-        if user not in self._pushers:
-            from ..image.thin import password
-            from ..registry.auth import Credential, find_credential
-            secret = password()
-
-            def credentials(host: str):
-                if user and secret:
-                    return Credential(user, secret)
-                return find_credential(host)
-            self._pushers[user] = self._new_client(credentials)
-        return self._pushers[user]
-
-    def publisher(self, repo: str) -> Publisher:
-        if repo not in self._publishers:
-            self._publishers[repo] = make(repo, self.settings)
-        return self._publishers[repo]
-
-
-_CONTEXTS: dict[tuple[int, Settings], Context] = {}
-
-
-def context(settings: Settings) -> Context:
-    key = (os.getpid(), settings)
-    if key not in _CONTEXTS:
-        if multiprocessing.current_process().name != "MainProcess":
-            die_with_parent()
-        _CONTEXTS[key] = Context(settings)
-    return _CONTEXTS[key]
+    def platforms_of(self, recipe) -> tuple[str, ...]:
+        return recipe.platforms or self.settings.platforms
 
 
 def die_with_parent() -> None:
     """A doit worker must not outlive its run (``kill -9`` of the run, OOM killer)."""
+    if multiprocessing.current_process().name == "MainProcess":
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)            # PR_SET_PDEATHSIG

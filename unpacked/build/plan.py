@@ -1,49 +1,31 @@
 """The plan of a run: recipes, the resolved state and doit's records, read offline.
 
-Task generation, the run's start and end, and ``unpacked gc`` all work from it; building it
-never touches the network.
+Task generation, the run's start and end, and ``unpacked gc``/``status`` all work from it;
+building it never touches the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+import posixpath
+from dataclasses import dataclass, field
 
-from doit import get_var
-
-from .. import recipe as recipes
-from .. import settings as settings_mod
-from ..errors import UnpackedError
 from ..recipe import Input, Recipe
 from ..reference import ImageRef
-from ..registry.resolved import Resolved
-from ..settings import Settings
-from .context import context
+from ..registry.resolved import Layer, PlatformImage, Resolved
+from ..repo import gc
+from ..repo.layout import MULTIARCH, Repository, public_target
+from . import doit_private
 from .refresh import expand
 
 SANDBOX_VERSION = 1          # bump when the sandbox files change: every flat image is rebuilt
 
-_SETTINGS: Settings | None = None
-
-
-def current_settings() -> Settings:
-    """Settings of this doit invocation: ``doit name=value`` > ``UNPACKED_NAME`` > default."""
-    global _SETTINGS
-    if _SETTINGS is None:
-        variables = {}
-        for f in fields(Settings):
-            value = get_var(f.name, None)
-            if value is not None:
-                variables[f.name] = value
-        _SETTINGS = settings_mod.load(variables, project=Path.cwd())
-    return _SETTINGS
-
 
 @dataclass
 class ImagePlan:
+    """One image a recipe wants (a wildcard's tag expanded), and what it resolved to."""
+
     recipe: Recipe
     input: Input
     ref: ImageRef
@@ -62,138 +44,169 @@ class ImagePlan:
     def public(self) -> str:
         return self.recipe.public_path_of(self.ref)
 
+    @property
+    def images(self) -> list[PlatformImage]:
+        return self.resolved.images if self.resolved else []
+
+    @property
+    def multiarch(self) -> bool:
+        """Converted for several platforms: DUCC's ``.multiarch`` layout."""
+        return len(self.images) > 1
+
+
+@dataclass
+class LayerPlan:
+    digest: str
+    sources: list[tuple[ImageRef, Layer]] = field(default_factory=list)
+    repos: set[str] = field(default_factory=set)
+    images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FlatPlan:
+    config: str
+    name: str                    # the first image that needs it (for messages)
+    image: PlatformImage
+    repos: set[str] = field(default_factory=set)
+    images: list[ImagePlan] = field(default_factory=list)
+
 
 @dataclass
 class Plan:
-    settings: Settings
     images: list[ImagePlan] = field(default_factory=list)
-    layers: dict[str, dict] = field(default_factory=dict)     # digest -> info
-    flats: dict[str, dict] = field(default_factory=dict)      # config digest -> info
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    flats: dict[str, FlatPlan] = field(default_factory=dict)
     repos: list[str] = field(default_factory=list)
-    recipes: list[Recipe] = field(default_factory=list)
     recorded: dict[str, dict] = field(default_factory=dict)   # task id -> values, doit's DB
+    clashes: dict[str, str] = field(default_factory=dict)      # image name -> why refused
+
+    def by_name(self) -> dict[str, list[ImagePlan]]:
+        """Images grouped by name: one name may be wanted by several recipes (repositories)."""
+        groups: dict[str, list[ImagePlan]] = {}
+        for item in self.images:
+            groups.setdefault(item.name, []).append(item)
+        return groups
 
 
-def load_recipes(s: Settings) -> list[Recipe]:
-    return recipes.load(s.recipe_path)
+def multiarch_name(arch: str, name: str) -> str:
+    """``.multiarch/<arch>[:<variant>]/<registry>/<repository>:<tag>`` (DUCC's path)."""
+    return f"{MULTIARCH}/{arch}/{name}"
 
 
-def recorded_tasks(s: Settings) -> dict[str, dict]:
-    """Tasks doit has recorded as done, with their saved values (one query, read-only)."""
-    path = s.cache_dir / "doit.sqlite"
-    if not path.exists():
-        return {}
-    out = {}
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            for task_id, data in db.execute("select task_id, task_data from doit"):
-                try:
-                    out[task_id] = json.loads(data).get("_values_:") or {}
-                except (ValueError, AttributeError):
-                    out[task_id] = {}
-    except sqlite3.Error:
-        return {}
-    return out
+def public_link(public: str, name: str, first: PlatformImage, multiarch: bool,
+                variant_default: str, variant: bool) -> str:
+    """The public path's symlink text: the (first platform's) flat image itself, or for
+    several platforms on the cvmfs publisher a CVMFS variant symlink through
+    ``$(CVMFS_ARCH)``, as DUCC makes it."""
+    if multiarch and variant:
+        return f"{'../' * public.count('/')}{MULTIARCH}/$(CVMFS_ARCH:-{variant_default})/{name}"
+    return public_target(public, first.config_digest)
 
 
-def build_plan(s: Settings) -> Plan:
-    plan = Plan(s)
-    loaded = load_recipes(s)
-    state = context(s).state
-    plan.repos = sorted({r.cvmfs_repo for r in loaded})
-    plan.recipes = loaded
-    plan.recorded = recorded_tasks(s)
-    for wanted in expand(loaded, state):
-        resolved = state.resolved(wanted.name, s.platform)
-        failure = state.failure(wanted.name)
-        item = ImagePlan(wanted.recipe, wanted.input, wanted.ref, resolved, failure)
+def build_plan(ctx) -> Plan:
+    """Everything a run or an inspection works from (offline)."""
+    s = ctx.settings
+    plan = Plan()
+    recipes = ctx.recipes.recipes
+    plan.repos = sorted({r.cvmfs_repo for r in recipes})
+    plan.recorded = doit_private.recorded_values(s.cache_dir / "doit.sqlite")
+    state = ctx.state
+    for wanted in expand(recipes, state, ctx.platforms_of):
+        resolved = state.resolved(wanted.name)
+        if resolved is not None and resolved.wanted != wanted.platforms:
+            resolved = None             # resolved for other platforms: resolved again
+        item = ImagePlan(wanted.recipe, wanted.input, wanted.ref, resolved,
+                         state.failure(wanted.name))
         plan.images.append(item)
-        if resolved is None:
+    plan.clashes = _clashes(plan.images)
+    for item in plan.images:
+        if item.name in plan.clashes:
             continue
-        for layer in resolved.layers:
-            entry = plan.layers.setdefault(layer.digest, {
-                "layer": layer, "ref": wanted.ref, "repos": set(), "images": []})
-            entry["repos"].add(item.repo)
-            entry["images"].append(item.name)
-        flat = plan.flats.setdefault(resolved.config_digest, {
-            "name": item.name, "resolved": resolved, "repos": set(), "images": []})
-        flat["repos"].add(item.repo)
-        flat["images"].append(item)
+        for image in item.images:
+            _add_image(plan, item, image)
     return plan
 
 
-_PLAN: Plan | None = None
+def _add_image(plan: Plan, item: ImagePlan, image: PlatformImage) -> None:
+    for layer in image.layers:
+        entry = plan.layers.setdefault(layer.digest, LayerPlan(layer.digest))
+        entry.sources.append((item.ref, layer))
+        entry.repos.add(item.repo)
+        entry.images.append(item.name)
+    flat = plan.flats.setdefault(image.config_digest,
+                                 FlatPlan(image.config_digest, item.name, image))
+    flat.repos.add(item.repo)
+    flat.images.append(item)
 
 
-def current_plan() -> Plan:
-    """The plan, built once per process (a run resolves before doit asks for tasks)."""
-    global _PLAN
-    if _PLAN is None:
-        _PLAN = build_plan(current_settings())
-    return _PLAN
-
-
-def recipes_or_none(s: Settings) -> list[Recipe]:
-    try:
-        return load_recipes(s)
-    except UnpackedError:
-        return []
+def _clashes(images: list[ImagePlan]) -> dict[str, str]:
+    """Two different images a wildcard expansion sends to one public path: the later ones
+    are refused (the recipe check cannot see expanded tags)."""
+    owner: dict[tuple[str, str], str] = {}
+    refused: dict[str, str] = {}
+    for item in images:
+        key = (item.repo, posixpath.normpath(item.public))
+        first = owner.setdefault(key, item.name)
+        if first != item.name:
+            refused[item.name] = (f"{item.name}: its public path {item.public} is also "
+                                  f"{first}'s in {item.repo}; not converted")
+    return refused
 
 
 def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
     """Where an image's thin images go, and the key that says they are pushed as they are."""
     from ..image import thin
-    resolved = items[0].resolved
     targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
                for i in items if i.recipe.output_format]
+    images = items[0].images
     key = hashlib.sha256(json.dumps(
-        [thin.key(origin, repo, output, resolved) for repo, origin, output, _ in targets]
-    ).encode()).hexdigest()
+        [[thin.key(origin, repo, output, image) for image in images]
+         for repo, origin, output, _ in targets]).encode()).hexdigest()
     return targets, key
-
 
 
 # -- what garbage collection must keep -----------------------------------------------------------
 
-def gc_wants(plan: Plan, repo: str):
+def gc_wants(ctx, plan: Plan, repo: str) -> gc.Wants:
     """What the recipes want kept in ``repo``, from the plan (offline)."""
-    from ..repo import gc
-    state = context(plan.settings).state
+    state = ctx.state
     wants = gc.Wants()
-    for r in plan.recipes:
+    wants.frozen = [f"{path} cannot be read as a recipe: no image is unpublished until it is "
+                    "fixed" for path in ctx.recipes.broken]
+    for r in ctx.recipes.recipes:
         if r.cvmfs_repo == repo:
             wants.wildcards += [(i.ref.registry, i.ref.repository, i.ref.tag)
                                 for i in r.inputs if i.ref.is_wildcard]
             wants.roots.add(r.public_path.split("/", 1)[0])
-    by_name: dict[str, list[ImagePlan]] = {}
-    for item in plan.images:
-        if item.repo != repo:
+    for name, items in plan.by_name().items():
+        items = [i for i in items if i.repo == repo]
+        if not items:
             continue
-        by_name.setdefault(item.name, []).append(item)
-        wants.names.add(item.name)
-        if state.gone(item.name):
-            wants.gone.add(item.name)
-        if item.resolved is not None:
-            wants.flats.add(item.resolved.config_digest)
-            wants.layers.update(x.digest for x in item.resolved.layers)
-    for name, items in by_name.items():
-        if items[0].resolved is None or not any(i.recipe.output_format for i in items):
-            continue
-        _, key = thin_targets(items)
-        if plan.recorded.get(f"thin:{name}", {}).get("key") != key:
-            wants.thin_pending.add(name)
+        wants.names.add(name)
+        publics = wants.publics.setdefault(name, set())
+        publics.update(i.public for i in items)
+        if state.gone(name):
+            wants.gone.add(name)
+        for image in items[0].images:
+            wants.flats.add(image.config_digest)
+            wants.layers.update(x.digest for x in image.layers)
+            if items[0].multiarch:
+                publics.add(multiarch_name(image.arch, name))
+                wants.platforms.add(f"{image.arch}/{name}")
+        if items[0].images and any(i.recipe.output_format for i in items):
+            _, key = thin_targets(items)
+            if plan.recorded.get(f"thin:{name}", {}).get("key") != key:
+                wants.thin_pending.add(name)
     return wants
 
 
-def gc_plan(plan: Plan, repo: str, save: bool):
-    """The garbage collection of ``repo`` now; ``save`` records the clocks."""
-    from ..repo import gc
-    s = plan.settings
-    clocks_file = gc.Clocks(s.cache_dir, repo)
-    clocks = clocks_file.load()
-    result = gc.compute(context(s).publisher(repo).repository(), repo, gc_wants(plan, repo),
-                        clocks, s.clock(), s.gc_grace, s.gc_image_grace, s.gc_max_deletions,
-                        s.gc_prune_gone)
-    if save:
-        clocks_file.save(clocks)
-    return result
+def gc_policy(settings) -> gc.Policy:
+    return gc.Policy(settings.gc_grace, settings.gc_image_grace, settings.gc_max_deletions,
+                     settings.gc_prune_gone, settings.gc_max_dropped)
+
+
+def collection(ctx, plan: Plan, repo: str, clocks: dict[str, float]) -> gc.Collection:
+    """The garbage collection of ``repo`` now; ``clocks`` are updated in place."""
+    repository: Repository = ctx.publisher(repo).repository()
+    return gc.compute(repository, repo, gc_wants(ctx, plan, repo), clocks,
+                      ctx.settings.clock(), gc_policy(ctx.settings))

@@ -1,20 +1,23 @@
-"""Resolve step: recipes -> resolved state, over the network, concurrently per registry.
+"""The resolve step: recipes -> resolved state, over the network, concurrently per registry.
 
 This is the only step that talks to registries before tasks are made: an unchanged tag costs
-one HEAD; a wildcard costs one tag listing. Failures are kept per input, never fatal for others.
+one HEAD; a wildcard costs one tag listing (only tags that pass the tag grammar are used).
+Failures are kept per input, never fatal for others. The threads are daemons and the main
+thread waits in short steps, so SIGINT/SIGTERM end a resolve at once.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import queue
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import NotFound, UnpackedError
+from ..errors import BadReference, NotFound, UnpackedError, sanitize
 from ..recipe import Input, Recipe
 from ..reference import ImageRef
 from ..registry.resolved import Resolved
@@ -33,6 +36,7 @@ class Wanted:
     recipe: Recipe
     input: Input
     ref: ImageRef
+    platforms: tuple[str, ...]
 
     @property
     def name(self) -> str:
@@ -47,27 +51,83 @@ class Outcome:
     changed: bool = False
 
 
-def match_tags(pattern: str, tags: list[str]) -> list[str]:
+def match_tags(pattern: str, tags: Iterable[str]) -> list[str]:
     """Tags matching a glob (``*``, ``?``, ``[...]``), case-sensitively, sorted."""
     return sorted(t for t in tags if fnmatch.fnmatchcase(t, pattern))
 
 
-def expand(recipes: list[Recipe], state: State) -> list[Wanted]:
+def _expanded(item: Input, tags: list[str]) -> list[ImageRef]:
+    refs = []
+    for tag in tags:
+        try:
+            refs.append(item.ref.with_tag(tag))
+        except BadReference:
+            continue            # a tag cached by an older version: grammar says no
+    return refs
+
+
+def expand(recipes: list[Recipe], state: State, platforms_of: Callable) -> list[Wanted]:
     """Every wanted image from the recipes, wildcards as last expanded (offline)."""
     out = []
     for recipe in recipes:
+        platforms = platforms_of(recipe)
         for item in recipe.inputs:
-            if item.ref.is_wildcard:
-                for tag in state.tags(item.ref.name) or []:
-                    out.append(Wanted(recipe, item, item.ref.with_tag(tag)))
-            else:
-                out.append(Wanted(recipe, item, item.ref))
-    return out
+            refs = _expanded(item, state.tags(item.ref.name) or []) if item.ref.is_wildcard \
+                else [item.ref]
+            out.extend(Wanted(recipe, item, ref, platforms) for ref in refs)
+    return merge_platforms(out)
 
 
-class Resolver:
-    def __init__(self, client: RegistryClient, state: State, platform: str, per_registry: int = 4):
-        self.client, self.state, self.platform = client, state, platform
+def merge_platforms(wanted: list[Wanted]) -> list[Wanted]:
+    """An image named by several recipes is resolved once, for every platform any of them
+    asks for (``all`` covers the rest)."""
+    union: dict[str, tuple[str, ...]] = {}
+    for w in wanted:
+        union[w.name] = tuple(dict.fromkeys(union.get(w.name, ()) + w.platforms))
+    for w in wanted:
+        w.platforms = ("all",) if "all" in union[w.name] else union[w.name]
+    return wanted
+
+
+def run_parallel(func: Callable, items: list, threads: int) -> list:
+    """``[func(x) for x in items]`` on daemon threads; the caller stays interruptible."""
+    if not items:
+        return []
+    work: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+    for index, item in enumerate(items):
+        work.put((index, item))
+
+    def worker() -> None:
+        while True:
+            try:
+                index, item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((index, func(item), None))
+            except BaseException as exc:        # noqa: BLE001 - handed to the caller
+                done.put((index, None, exc))
+
+    for _ in range(min(threads, len(items))):
+        threading.Thread(target=worker, daemon=True).start()
+    results: list = [None] * len(items)
+    for _ in items:
+        while True:
+            try:
+                index, value, error = done.get(timeout=0.2)
+                break
+            except queue.Empty:
+                continue
+        if error is not None:
+            raise error
+        results[index] = value
+    return results
+
+
+class Refresher:
+    def __init__(self, client: RegistryClient, state: State, per_registry: int = 4):
+        self.client, self.state = client, state
         self.per_registry = max(1, per_registry)
         self._limits: dict[str, threading.Semaphore] = defaultdict(
             lambda: threading.Semaphore(self.per_registry))
@@ -81,44 +141,56 @@ class Resolver:
         """List the repository's tags and keep the matches; on failure keep the last list."""
         try:
             with self._limit(item.ref.api_host):
-                tags = match_tags(item.ref.tag, self.client.tags(item.ref))
+                tags, bad = self.client.tags(item.ref)
         except UnpackedError as exc:
             return self.state.tags(item.ref.name) or [], str(exc)
-        self.state.put_tags(item.ref.name, tags)
-        if not tags:
+        if bad:
+            log.warning("%s: %d tag(s) refused by the tag grammar, e.g. %s", item.ref,
+                        len(bad), ", ".join(bad[:3]))
+        matched = match_tags(item.ref.tag, tags)
+        self.state.put_tags(item.ref.name, matched)
+        if not matched:
             return [], f"{item.ref}: no tag matches {item.ref.tag!r}"
-        return tags, None
+        return matched, None
 
     def resolve_one(self, wanted: Wanted) -> Outcome:
-        known = self.state.resolved(wanted.name, self.platform)
+        known = self.state.resolved(wanted.name)
         try:
             with self._limit(wanted.ref.api_host):
-                resolved = self.client.resolve(wanted.ref, self.platform, known)
+                resolved = self.client.resolve(wanted.ref, wanted.platforms, known)
         except UnpackedError as exc:
             gone = isinstance(exc, NotFound) and exc.status == 404
-            self.state.put_failure(wanted.name, str(exc), gone=gone)
-            return Outcome(wanted, known, str(exc))
-        changed = known is None or known.manifest_digest != resolved.manifest_digest
+            reason = sanitize(exc, 500)
+            self.state.put_failure(wanted.name, reason, gone=gone)
+            return Outcome(wanted, known, reason)
+        changed = known is None or known.top_digest != resolved.top_digest \
+            or known.wanted != resolved.wanted
         if resolved is not known:
             self.state.put_resolved(resolved)
         self.state.put_failure(wanted.name, None)
         return Outcome(wanted, resolved, None, changed)
 
-    def run(self, recipes: list[Recipe], threads: int = 16) -> tuple[list[Outcome], list[str]]:
+    def run(self, recipes: list[Recipe], platforms_of: Callable,
+            threads: int = 16) -> tuple[list[Outcome], list[str]]:
         """Resolve everything; returns outcomes per image and errors of wildcard expansion."""
         problems: list[str] = []
-        wanted: list[Wanted] = []
         items = [(r, i) for r in recipes for i in r.inputs]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            wildcards = {(id(r), i.line): pool.submit(self.expand_wildcard, i)
-                         for r, i in items if i.ref.is_wildcard}
-            for recipe, item in items:
-                if not item.ref.is_wildcard:
-                    wanted.append(Wanted(recipe, item, item.ref))
-                    continue
-                tags, error = wildcards[(id(recipe), item.line)].result()
-                if error:
-                    problems.append(f"{recipe.path}:{item.line}: {error}")
-                wanted.extend(Wanted(recipe, item, item.ref.with_tag(t)) for t in tags)
-            outcomes = list(pool.map(self.resolve_one, wanted))
-        return outcomes, problems
+        wildcards = [i for _, i in items if i.ref.is_wildcard]
+        expansions = dict(zip(map(id, wildcards),
+                              run_parallel(self.expand_wildcard, wildcards, threads),
+                              strict=True))
+        wanted: list[Wanted] = []
+        for recipe, item in items:
+            platforms = platforms_of(recipe)
+            if not item.ref.is_wildcard:
+                wanted.append(Wanted(recipe, item, item.ref, platforms))
+                continue
+            tags, error = expansions[id(item)]
+            if error:
+                problems.append(f"{recipe.path}:{item.line}: {error}")
+            wanted.extend(Wanted(recipe, item, ref, platforms) for ref in _expanded(item, tags))
+        wanted = merge_platforms(wanted)
+        firsts = list({w.name: w for w in reversed(wanted)}.values())[::-1]
+        done = {o.wanted.name: o for o in run_parallel(self.resolve_one, firsts, threads)}
+        return [Outcome(w, done[w.name].resolved, done[w.name].error, done[w.name].changed)
+                for w in wanted], problems

@@ -1,71 +1,156 @@
 """The resolved state kept in ``cache/``: what each input pointed at when last resolved.
 
 Task generation reads only this (and the recipes), so ``doit list``/``info``/``forget`` work
-offline. Values are plain JSON-able dicts so that a code upgrade never breaks the cache.
+offline. Values are plain JSON-able dicts so that a code upgrade never breaks the cache; a
+value that does not load is treated as absent (the next run resolves again).
+
+A user who may read ``cache/`` but not write it (``doit list`` as another operator) gets a
+read-only view: diskcache cannot open a database it may not write, so ``ReadOnlyCache`` reads
+its table directly (diskcache's layout, pinned by a test to the versions pyproject allows).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 import diskcache
 
+from ..errors import UnpackedError
 from ..registry.resolved import Resolved
+
+VERSION = 2          # of the values below; older values are ignored (resolved again)
+
+
+class ReadOnlyCache:
+    """``get`` on a diskcache folder without writing anything."""
+
+    def __init__(self, folder: Path):
+        self.disk = diskcache.Disk(str(folder))
+        self.db = sqlite3.connect(f"file:{folder / 'cache.db'}?mode=ro", uri=True)
+
+    def get(self, key, default=None):
+        db_key, raw = self.disk.put(key)
+        try:
+            row = self.db.execute("SELECT mode, filename, value, expire_time FROM Cache "
+                                  "WHERE key = ? AND raw = ?", (db_key, raw)).fetchone()
+        except sqlite3.Error:
+            return default
+        if row is None or (row[3] is not None and row[3] < time.time()):
+            return default
+        try:
+            return self.disk.fetch(row[0], row[1], row[2], False)
+        except (OSError, ValueError, EOFError):
+            return default
+
+    def __contains__(self, key) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_MISSING = object()
+
+
+def open_cache(folder: Path, writable: bool = True):
+    """A diskcache in ``folder`` (owner-only), or a read-only view when it cannot be written."""
+    if writable:
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.stat(folder).st_uid == os.geteuid():
+                os.chmod(folder, 0o700)
+            return diskcache.Cache(str(folder))
+        except (OSError, sqlite3.Error) as exc:
+            if not (folder / "cache.db").exists():
+                raise UnpackedError(f"cannot use the cache {folder}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not (folder / "cache.db").exists():
+        return None
+    try:
+        return ReadOnlyCache(folder)
+    except sqlite3.Error as exc:
+        raise UnpackedError(f"cannot read the cache {folder}: {exc}") from None
 
 
 class State:
-    def __init__(self, cache_dir: Path):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        folder = cache_dir / "state"
-        folder.mkdir(exist_ok=True, mode=0o700)
-        os.chmod(folder, 0o700)
-        self.cache = diskcache.Cache(str(folder))
+    def __init__(self, cache_dir: Path, writable: bool = True):
+        self.cache = open_cache(cache_dir / "state", writable)
+        self.writable = isinstance(self.cache, diskcache.Cache)
 
     def close(self) -> None:
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
 
     @staticmethod
-    def _key(kind: str, name: str, platform: str = "") -> str:
-        return f"{kind}\x1f{name}\x1f{platform}"
+    def _key(kind: str, name: str, extra: str = "") -> str:
+        return f"v{VERSION}\x1f{kind}\x1f{name}\x1f{extra}"
 
-    def resolved(self, name: str, platform: str) -> Resolved | None:
-        got = self.cache.get(self._key("resolved", name, platform))
-        return Resolved.from_dict(got) if got else None
+    def _get(self, key: str):
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.get(key)
+        except Exception:          # noqa: BLE001 - an unreadable entry is an absent one
+            return None
+
+    def _set(self, key: str, value) -> None:
+        if not self.writable:
+            raise UnpackedError("the cache is read-only for this user; run as its owner")
+        try:
+            self.cache.set(key, value)
+        except (OSError, sqlite3.Error) as exc:
+            raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
+                from None
+
+    def _delete(self, key: str) -> None:
+        if self.writable and key in self.cache:     # a read is far cheaper than a delete
+            self.cache.delete(key)
+
+    def resolved(self, name: str) -> Resolved | None:
+        got = self._get(self._key("resolved", name))
+        try:
+            return Resolved.from_dict(got) if got else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
 
     def put_resolved(self, resolved: Resolved) -> None:
-        self.cache.set(self._key("resolved", resolved.name, resolved.platform), resolved.to_dict())
+        self._set(self._key("resolved", resolved.name), resolved.to_dict())
 
     def tags(self, name: str) -> list[str] | None:
-        return self.cache.get(self._key("tags", name))
+        got = self._get(self._key("tags", name))
+        return [t for t in got if isinstance(t, str)] if isinstance(got, list) else None
 
     def put_tags(self, name: str, tags: list[str]) -> None:
-        self.cache.set(self._key("tags", name), list(tags))
+        self._set(self._key("tags", name), list(tags))
 
     def blob_home(self, registry: str, digest: str) -> str | None:
         """A repository of ``registry`` we pushed ``digest`` to (for cross-repo mounts)."""
-        return self.cache.get(self._key("blob", registry, digest))
+        got = self._get(self._key("blob", registry, digest))
+        return got if isinstance(got, str) else None
 
     def put_blob_home(self, registry: str, digest: str, repository: str) -> None:
-        self.cache.set(self._key("blob", registry, digest), repository)
+        self._set(self._key("blob", registry, digest), repository)
 
     def failure(self, name: str) -> str | None:
-        return self.cache.get(self._key("failure", name))
+        got = self._get(self._key("failure", name))
+        return got if isinstance(got, str) else None
 
     def put_failure(self, name: str, reason: str | None, gone: bool = False) -> None:
         """Record why ``name`` failed to resolve (None: it resolved); ``gone``: a 404."""
         key, gone_key = self._key("failure", name), self._key("gone", name)
         if reason is None:
-            if key in self.cache:            # a read is far cheaper than a delete
-                self.cache.delete(key)
-                self.cache.delete(gone_key)
+            self._delete(key)
+            self._delete(gone_key)
             return
-        self.cache.set(key, reason)
+        self._set(key, reason)
         if gone:
-            self.cache.set(gone_key, True)
+            self._set(gone_key, True)
         else:
-            self.cache.delete(gone_key)
+            self._delete(gone_key)
 
     def gone(self, name: str) -> bool:
         """The registry answered 404 for ``name`` at its last resolve: gone upstream."""
-        return bool(self.cache.get(self._key("gone", name)))
+        return bool(self._get(self._key("gone", name)))

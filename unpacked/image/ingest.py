@@ -1,13 +1,16 @@
 """Layer ingest: blob stream -> decompress -> verified tar -> safe extraction into ``layerfs``.
 
-Every tar entry is treated as hostile. One ``Extractor`` owns all writes of a layer: names are
-cleaned (leading ``/`` stripped, ``..`` refused), each parent is checked to be a real folder
-made by this layer (never a symlink), and files are created with ``O_NOFOLLOW|O_EXCL``.
-Whiteouts stay as plain empty files; flattening interprets them.
+Every tar entry is treated as hostile. One ``Extractor`` owns all writes of a layer, through
+``repo.fs``: names are cleaned (leading ``/`` stripped, ``..`` refused, length and depth
+bounded), each parent is opened as a real folder (never through a symlink), files are created
+``O_EXCL|O_NOFOLLOW`` and their attributes set on the open descriptor. Whiteouts stay as plain
+empty files; flattening interprets them. Memory does not grow with the layer's shape, and the
+bytes *written* count against the size limit (a sparse file cannot inflate past it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,16 +19,16 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 import zstandard
 from isal import igzip
 
-from ..errors import UnpackedError
-from ..repo.fs import remove_tree, replace_dir, temp_sibling
+from ..errors import ImageError
+from ..repo.fs import Dir, FolderCache, UnsafePath, raise_fd_limit
+from ..repo.layout import CATALOG, IS_ROOT, Repository
+from . import tarsafe
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,14 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-CATALOG = ".cvmfscatalog"          # marks a nested CVMFS catalog
 COPY_CHUNK = 1 << 20
-IS_ROOT = os.geteuid() == 0
+OPEN_DIRS = 64                     # folders kept open while extracting
+REPORTED = 1000                    # names kept per list in layer.json
+MAX_EXTERNAL_LINKS = 100_000
+DIR_TIMES = "dir-times"            # spilled beside layerfs while extracting
 
 
-class LayerError(UnpackedError):
+class LayerError(ImageError):
     """A layer cannot be ingested; the message names the layer and, when known, the entry."""
 
 
@@ -82,20 +87,35 @@ class _Counting(io.RawIOBase):
         buffer[:len(data)] = data
         return len(data)
 
-    def drain(self) -> None:
-        while self.read(COPY_CHUNK):
-            pass
+
+def drain(stream: BinaryIO) -> None:
+    while stream.read(COPY_CHUNK):
+        pass
 
 
 @dataclass
 class Report:
-    """What extraction changed or refused, kept in layer.json and shown to the operator."""
+    """What extraction changed or refused, kept in layer.json and shown to the operator.
+
+    Lists keep the first ``REPORTED`` names; the counts are complete.
+    """
 
     entries: int = 0
+    written: int = 0
     skipped: list[str] = field(default_factory=list)          # special files not created
+    skipped_count: int = 0
     dropped_setid: list[str] = field(default_factory=list)    # set-uid/gid bits removed
-    external_links: dict[str, str] = field(default_factory=dict)  # hardlinks to lower layers
+    dropped_setid_count: int = 0
     duplicates: list[str] = field(default_factory=list)
+    duplicates_count: int = 0
+    replaced_catalog: bool = False
+    external_links: dict[str, str] = field(default_factory=dict)  # hardlinks to lower layers
+
+    def note(self, kind: str, name: str) -> None:
+        setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + 1)
+        names = getattr(self, kind)
+        if len(names) < REPORTED:
+            names.append(name)
 
 
 def clean_name(raw: str) -> str | None:
@@ -112,140 +132,197 @@ def clean_name(raw: str) -> str | None:
 class Extractor:
     """Owns every write of one layer into ``root``; refuses anything that would leave it."""
 
-    def __init__(self, root: Path, what: str):
-        self.root = str(root)
-        self.what = what
+    def __init__(self, root: Dir, what: str, limit: int, times: Dir):
+        self.root, self.what, self.limit = root, what, limit
         self.report = Report()
-        self.kinds: dict[str, str] = {"": "dir"}   # what this layer made at each path
-        self.dir_times: list[tuple[str, int]] = []
+        now = int(time.time())
+        self.folders = FolderCache(root, OPEN_DIRS, on_create=lambda rel: self._time(rel, now))
+        self._times = os.fdopen(times.create(DIR_TIMES, 0o600), "w", encoding="utf-8",
+                                errors="surrogateescape")
+
+    def close(self) -> None:
+        self.folders.close()
+        self._times.close()
 
     def fail(self, entry: str, why: str) -> LayerError:
         return LayerError(f"{self.what}: entry {entry!r}: {why}; layer refused")
 
-    def path(self, rel: str) -> str:
-        return os.path.join(self.root, rel) if rel else self.root
+    # -- folders ------------------------------------------------------------------------------
 
-    def _parents(self, rel: str, entry: str) -> None:
-        """Make sure every parent of ``rel`` is a real folder inside the root, made if missing."""
-        parts = rel.split("/")[:-1]
-        for i in range(len(parts)):
-            sub = "/".join(parts[:i + 1])
-            kind = self.kinds.get(sub)
-            if kind == "dir":
-                continue
-            if kind is not None:
-                raise self.fail(entry, f"its parent {sub!r} is a {kind}, not a folder")
-            full = self.path(sub)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                os.mkdir(full, 0o755)
-                self.kinds[sub] = "dir"
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise self.fail(entry, f"its parent {sub!r} is not a folder")
-            self.kinds[sub] = "dir"
-
-    def _clear(self, rel: str, entry: str, new_is_dir: bool) -> bool:
-        """Remove what stands at ``rel`` unless both are folders (then True: merge)."""
-        full = self.path(rel)
+    def _folder(self, rel: str, entry: str, create: bool = True) -> Dir | None:
+        """The open folder ``rel`` (made if missing when ``create``), never through a symlink."""
         try:
-            st = os.lstat(full)
-        except FileNotFoundError:
+            return self.folders.get(rel, create)
+        except UnsafePath:
+            raise self.fail(entry, self._not_folder(rel)) from None
+
+    def _not_folder(self, rel: str) -> str:
+        """Which parent of an entry is not a real folder, and what it is (for the message)."""
+        parts = rel.split("/")
+        for depth in range(len(parts)):
+            parent = self.folders.get("/".join(parts[:depth]))
+            st = parent.lstat(parts[depth])
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+                return f"its parent {'/'.join(parts[:depth + 1])!r} is a {kind}, not a folder"
+        return f"its parent {rel!r} is not a folder"
+
+    def _time(self, rel: str, mtime: int) -> None:
+        self._times.write(f"{mtime}\t{rel}\n")
+
+    # -- entries ------------------------------------------------------------------------------
+
+    def _clear(self, parent: Dir, name: str, rel: str, entry: str, new_is_dir: bool) -> bool:
+        """Remove what stands at ``rel`` unless both are folders (then True: merge)."""
+        st = parent.lstat(name)
+        if st is None:
             return False
-        self.report.duplicates.append(entry)
-        if stat.S_ISDIR(st.st_mode):
-            if new_is_dir:
-                return True
-            remove_tree(Path(full))
-        else:
-            os.unlink(full)
-        drop = rel + "/"
-        for key in [k for k in self.kinds if k.startswith(drop)]:
-            del self.kinds[key]
-        self.kinds.pop(rel, None)
+        self.report.note("duplicates", entry)
+        if stat.S_ISDIR(st.st_mode) and new_is_dir:
+            return True
+        self.folders.forget(rel)
+        parent.remove(name)
         return False
 
-    def _attributes(self, full: str, member: tarfile.TarInfo, rel: str, kind: str) -> None:
+    def _mode(self, member: tarfile.TarInfo, rel: str, is_dir: bool) -> int:
         mode = stat.S_IMODE(member.mode)
         if mode & 0o6000:
-            self.report.dropped_setid.append(rel)
+            self.report.note("dropped_setid", rel)
             mode &= ~0o6000
-        mode |= 0o700 if kind == "dir" else 0o600
-        if IS_ROOT:
-            os.lchown(full, member.uid, member.gid)
-        if kind != "symlink":
-            os.chmod(full, mode)
-        mtime = int(member.mtime) if member.mtime else int(time.time())
-        if kind == "dir":
-            self.dir_times.append((full, mtime))
-        else:
-            os.utime(full, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+        return mode | (0o700 if is_dir else 0o600)
+
+    def _mtime(self, member: tarfile.TarInfo) -> int:
+        try:
+            return int(member.mtime) if member.mtime else int(time.time())
+        except (ValueError, OverflowError):
+            return int(time.time())
 
     def extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         entry = member.name
         rel = clean_name(entry)
         if rel is None:
             raise self.fail(entry, "its name climbs out of the layer with '..'")
-        base = rel.rsplit("/", 1)[-1]
+        if len(os.fsencode(rel)) > tarsafe.MAX_NAME or rel.count("/") >= tarsafe.MAX_DEPTH:
+            raise self.fail(entry[:200], "its name is longer or deeper than any real path")
+        parent_rel, _, base = rel.rpartition("/")
         if base == WHITEOUT:
             raise self.fail(entry, "a whiteout with an empty name")
         self.report.entries += 1
         if rel == "":
             if not member.isdir():
                 raise self.fail(entry, "refusing to change the type of the root folder")
-            self._attributes(self.root, member, rel, "dir")
+            self.root.chmod_self(self._mode(member, rel, True))
+            self._time("", self._mtime(member))
             return
-        self._parents(rel, entry)
-        full = self.path(rel)
+        parent = self._folder(parent_rel, entry)
+        if parent_rel == "" and base == CATALOG:
+            self.report.replaced_catalog = True       # the repository's marker, not content
+            self._clear(parent, base, rel, entry, False)
+            return
         whiteout = base.startswith(WHITEOUT)
         if member.isdir() and not whiteout:
-            if not self._clear(rel, entry, True):
-                os.mkdir(full, 0o700)
-            self.kinds[rel] = "dir"
-            self._attributes(full, member, rel, "dir")
+            self._dir(parent, base, rel, entry, member)
         elif member.isfile() or whiteout:
-            self._clear(rel, entry, False)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                if member.isfile() and not whiteout:
-                    src = tar.extractfile(member)
-                    while chunk := src.read(COPY_CHUNK):
-                        out.write(chunk)
-            self.kinds[rel] = "file"
-            self._attributes(full, member, rel, "file")
+            self._file(tar, parent, base, rel, entry, member, whiteout)
         elif member.issym():
-            self._clear(rel, entry, False)
-            os.symlink(member.linkname, full)
-            self.kinds[rel] = "symlink"
-            self._attributes(full, member, rel, "symlink")
+            self._symlink(parent, base, rel, entry, member)
         elif member.islnk():
-            self._hardlink(member, rel, entry, full)
+            self._hardlink(parent, base, rel, entry, member)
         elif member.ischr() or member.isblk() or member.isfifo():
             kind = "device" if (member.ischr() or member.isblk()) else "fifo"
-            self.report.skipped.append(f"{rel} ({kind})")
+            self.report.note("skipped", f"{rel} ({kind})")
         else:
-            self.report.skipped.append(f"{rel} (tar type {member.type!r})")
+            self.report.note("skipped", f"{rel} (tar type {member.type!r})")
 
-    def _hardlink(self, member: tarfile.TarInfo, rel: str, entry: str, full: str) -> None:
+    def _owner(self, parent: Dir, name: str, member: tarfile.TarInfo) -> None:
+        if IS_ROOT:
+            parent.chown(name, member.uid, member.gid)
+
+    def _dir(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
+        if not self._clear(parent, name, rel, entry, True):
+            parent.mkdir(name, 0o700)
+        self._owner(parent, name, member)
+        parent.chmod(name, self._mode(member, rel, True))
+        self._time(rel, self._mtime(member))
+
+    def _file(self, tar, parent: Dir, name: str, rel: str, entry: str, member,
+              whiteout: bool) -> None:
+        self._clear(parent, name, rel, entry, False)
+        fd = parent.create(name, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            if member.isfile() and not whiteout:
+                src = tar.extractfile(member)
+                while chunk := src.read(COPY_CHUNK):
+                    self.report.written += len(chunk)
+                    if self.report.written > self.limit:
+                        raise self.fail(entry, f"the layer writes more than {self.limit:,} "
+                                        "bytes (a sparse or decompression bomb?)")
+                    out.write(chunk)
+            if IS_ROOT:
+                os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, self._mode(member, rel, False))
+            mtime = self._mtime(member) * 10**9
+            os.utime(fd, ns=(mtime, mtime))
+
+    def _symlink(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
+        if len(member.linkname) > tarsafe.MAX_NAME or "\0" in member.linkname:
+            raise self.fail(entry, "a symlink target longer than any real path")
+        self._clear(parent, name, rel, entry, False)
+        parent.new_symlink(name, member.linkname)
+        self._owner(parent, name, member)
+        mtime = self._mtime(member) * 10**9
+        parent.utime(name, (mtime, mtime))
+
+    def _hardlink(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
         target = clean_name(member.linkname)
         if target is None or target == "":
             raise self.fail(entry, f"a hardlink to {member.linkname!r}, outside the layer")
-        kind = self.kinds.get(target)
-        if kind is None:
+        target_parent, _, target_name = target.rpartition("/")
+        try:
+            source = self._folder(target_parent, entry, create=False)
+        except LayerError:
+            raise self.fail(entry, f"a hardlink through {target_parent!r}, not a folder") \
+                from None
+        st = source.lstat(target_name) if source is not None else None
+        if st is None:
             # Its target lives in a lower layer: flattening links it there.
+            if len(self.report.external_links) >= MAX_EXTERNAL_LINKS:
+                raise self.fail(entry, f"more than {MAX_EXTERNAL_LINKS:,} hardlinks to lower "
+                                "layers")
             self.report.external_links[rel] = target
             return
-        if kind == "dir":
+        if stat.S_ISDIR(st.st_mode):
             raise self.fail(entry, f"a hardlink to the folder {target!r}")
-        self._parents(target, entry)      # the target's parents must be real folders too
-        self._clear(rel, entry, False)
-        os.link(self.path(target), full, follow_symlinks=False)
-        self.kinds[rel] = kind
+        if target == rel:
+            return
+        self._clear(parent, name, rel, entry, False)
+        parent.hardlink(source, target_name, name)
 
     def finish(self) -> None:
-        for full, mtime in reversed(self.dir_times):
-            os.utime(full, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+        """Folder times last: creating children changed them."""
+        self._times.flush()
+
+
+def _apply_dir_times(layerfs: Dir, times: Dir) -> None:
+    """Streamed back from the spill file, so memory does not grow with the folder count."""
+    folders = FolderCache(layerfs, OPEN_DIRS)
+    stream = times.open_file(DIR_TIMES)
+    try:
+        for raw in stream or ():
+            mtime, _, rel = raw.decode("utf-8", "surrogateescape").rstrip("\n").partition("\t")
+            ns = int(mtime) * 10**9
+            with contextlib.suppress(OSError):
+                if rel == "":
+                    layerfs.utime_self((ns, ns))
+                    continue
+                parent_rel, _, name = rel.rpartition("/")
+                parent = folders.get(parent_rel)
+                if parent is not None and parent.is_dir(name):
+                    parent.utime(name, (ns, ns))
+    finally:
+        folders.close()
+        if stream:
+            stream.close()
 
 
 def _decompressor(stream: io.BufferedReader, promised: str, what: str):
@@ -262,67 +339,102 @@ def _decompressor(stream: io.BufferedReader, promised: str, what: str):
     return stream, actual
 
 
-def ingest(blob: BinaryIO, dest: Path, *, digest: str, diff_id: str, media_type: str,
-           size: int, max_bytes: int = 64 << 30, catalog: bool = False,
-           place: Callable[[Path, Path], None] = replace_dir) -> dict:
-    """Unpack one layer blob into ``dest/layerfs`` with ``dest/layer.json``, atomically.
+@dataclass
+class Claims:
+    """What the images naming a blob say about it; the blob's own bytes decide."""
+
+    digest: str
+    diff_ids: tuple[str, ...]
+    media_type: str
+    size: int
+
+
+def _extract(blob: BinaryIO, layerfs: Dir, work: Dir, claims: Claims, max_bytes: int,
+             what: str) -> tuple[Report, str, str, int]:
+    buffered = io.BufferedReader(blob, COPY_CHUNK) if not hasattr(blob, "peek") else blob
+    plain, found = _decompressor(buffered, compression_of(claims.media_type), what)
+    counting = _Counting(plain, max_bytes, what)
+    reader = io.BufferedReader(counting, COPY_CHUNK)
+    extractor = Extractor(layerfs, what, max_bytes, work)
+    member = None
+    try:
+        with tarsafe.open_stream(reader) as tar:
+            for member in tarsafe.members(tar):
+                extractor.extract(tar, member)
+        drain(reader)              # padding after the end-of-archive blocks
+        drain(buffered)            # trailing bytes of the blob: its digest is checked at EOF
+        extractor.finish()
+    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+        at = f" at entry {member.name!r}" if member is not None else ""
+        raise LayerError(f"{what}: broken or truncated archive{at}: {exc}") from None
+    except OSError as exc:
+        if isinstance(exc, UnsafePath):
+            raise
+        at = f" entry {member.name!r}:" if member is not None else ""
+        raise LayerError(f"{what}:{at} {exc.strerror or exc}") from None
+    finally:
+        extractor.close()
+    return extractor.report, "sha256:" + counting.sha.hexdigest(), found, counting.count
+
+
+def ingest(blob: BinaryIO, repo: Repository, claims: Claims, *,
+           max_bytes: int = 64 << 30) -> dict:
+    """Unpack one layer blob into ``.layers/<hex>/layerfs`` with ``layer.json``, atomically.
 
     ``blob`` must verify its own digest at EOF (``BlobStream`` does); the uncompressed stream
-    is checked against ``diff_id`` here. Nothing reaches ``dest`` unless both match.
+    must hash to one of the ``diff_ids`` the images claim. Nothing reaches the final path
+    unless both hold.
     """
-    what = f"layer {digest}"
-    temp = temp_sibling(dest)
-    try:
-        layerfs = temp / "layerfs"
-        layerfs.mkdir(mode=0o755)
-        buffered = io.BufferedReader(blob, COPY_CHUNK) if not hasattr(blob, "peek") else blob
-        plain, found = _decompressor(buffered, compression_of(media_type), what)
-        counting = _Counting(plain, max_bytes, what)
-        reader = io.BufferedReader(counting, COPY_CHUNK)
-        extractor = Extractor(layerfs, what)
-        member = None
+    what = f"layer {claims.digest}"
+    raise_fd_limit()
+    with repo.open_area(repo.LAYERS) as area:
+        temp = area.make_temp_dir(claims.digest[7:19])
         try:
-            with tarfile.open(fileobj=reader, mode="r|", encoding="utf-8",
-                              errors="surrogateescape") as tar:
-                for member in tar:
-                    extractor.extract(tar, member)
-            reader.read()          # padding after the end-of-archive blocks
-            counting.drain()
-            while buffered.read(COPY_CHUNK):   # trailing bytes of the blob: digest check at EOF
-                pass
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
-            at = f" at entry {member.name!r}" if member is not None else ""
-            raise LayerError(f"{what}: broken or truncated archive{at}: {exc}") from None
-        extractor.finish()
-        got = "sha256:" + counting.sha.hexdigest()
-        if got != diff_id:
-            raise LayerError(f"{what}: uncompressed content hashes to {got}, but the image "
-                             f"config says diff_id {diff_id}; refused")
-        report = extractor.report
-        if report.skipped:
-            log.warning("%s: %d special file(s) not created: %s", what, len(report.skipped),
-                        ", ".join(report.skipped[:5]))
-        if report.dropped_setid:
-            log.info("%s: set-uid/set-gid dropped on %d file(s)", what, len(report.dropped_setid))
-        info = {"digest": digest, "diff_id": diff_id, "size": size, "media_type": media_type,
-                "compression": found, "uncompressed_size": counting.count,
-                "ingested_at": time.time(), "entries": report.entries,
-                "skipped": report.skipped, "dropped_setid": report.dropped_setid,
-                "external_links": report.external_links, "duplicates": report.duplicates}
-        if catalog:
-            (layerfs / CATALOG).touch()     # one nested CVMFS catalog per layer
-        (temp / "layer.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        os.chmod(temp, 0o755)
-        place(temp, dest)
-        return info
-    except BaseException:
-        remove_tree(temp)
-        raise
+            with area.child(temp) as work:
+                work.guard = None       # inside a folder this run made under the guard
+                work.mkdir("layerfs", 0o755)
+                with work.child("layerfs") as layerfs:
+                    report, diff_id, found, count = _extract(blob, layerfs, work, claims,
+                                                             max_bytes, what)
+                    if diff_id not in claims.diff_ids:
+                        said = " or ".join(claims.diff_ids)
+                        raise LayerError(f"{what}: uncompressed content hashes to {diff_id}, "
+                                         f"but the image config says diff_id {said}; refused")
+                    _apply_dir_times(layerfs, work)
+                    if repo.catalogs:
+                        os.close(layerfs.create(CATALOG, 0o644))   # a nested catalog each
+                work.unlink(DIR_TIMES)
+                info = _info(claims, diff_id, found, count, report)
+                work.write_file("layer.json",
+                                json.dumps(info, indent=1, sort_keys=True).encode())
+                work.chmod_self(0o755)
+            repo.place(area, temp, repo.layer_name(claims.digest))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                area.remove(temp)
+            raise
+    _log_report(what, report)
+    return info
 
 
-def read_info(dest: Path) -> dict | None:
+def _info(claims: Claims, diff_id: str, found: str, count: int, report: Report) -> dict:
+    info = {"digest": claims.digest, "diff_id": diff_id, "size": claims.size,
+            "media_type": claims.media_type, "compression": found,
+            "uncompressed_size": count, "ingested_at": time.time()}
+    info.update(asdict(report))
+    return info
+
+
+def _log_report(what: str, report: Report) -> None:
+    if report.skipped_count:
+        log.warning("%s: %d special file(s) not created: %s", what, report.skipped_count,
+                    ", ".join(report.skipped[:5]))
+    if report.dropped_setid_count:
+        log.info("%s: set-uid/set-gid dropped on %d file(s)", what, report.dropped_setid_count)
+    if report.replaced_catalog:
+        log.warning("%s: the layer's own /%s was not kept", what, CATALOG)
+
+
+def read_info(repo: Repository, digest: str) -> dict | None:
     """``layer.json`` of an ingested layer, or None when the layer is absent or incomplete."""
-    try:
-        return json.loads((dest / "layer.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return repo.read_json(f"{repo.LAYERS}/{repo.layer_name(digest)}", "layer.json")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
-from pathlib import Path
+from collections.abc import Sequence
 
-from ..repo.fs import make_dirs, remove_tree
+from ..registry.documents import ImageConfig
+from ..repo.fs import Dir, UnsafePath
 
 ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DIRS = (".singularity.d/libs", ".singularity.d/actions", ".singularity.d/env", "dev", "proc",
@@ -190,7 +190,7 @@ def escape(value: str) -> str:
     return value
 
 
-def env_script(env: list[str] | None) -> str:
+def env_script(env: Sequence[str] | None) -> str:
     """``10-docker2singularity.sh``: PATH set outright, the rest as defaults the host can win."""
     lines = ["#!/bin/sh"]
     for item in env or []:
@@ -206,13 +206,13 @@ def env_script(env: list[str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quoted_args(args: list[str] | None) -> str:
+def _quoted_args(args: Sequence[str] | None) -> str:
     """Apptainer's form: each argument double-quoted, the whole in single quotes."""
     words = " ".join(f'"{escape(a)}"' for a in args or [])
     return "'" + words.replace("'", "'\"'\"'") + "'"
 
 
-def runscript(entrypoint: list[str] | None, cmd: list[str] | None) -> str:
+def runscript(entrypoint: Sequence[str] | None, cmd: Sequence[str] | None) -> str:
     """The runscript of a Docker image: ENTRYPOINT + (arguments, or CMD when there are none).
 
     By default arguments are evaluated by the shell, as Apptainer does; with
@@ -247,42 +247,38 @@ exec "$@"
 """
 
 
-def _put(root: Path, rel: str, data: str | bytes, mode: int) -> bool:
-    """Replace ``root/rel`` with a new file (a rename: a linked file is never written through)."""
+def _put(root: Dir, rel: str, data: str | bytes, mode: int) -> bool:
+    """Replace ``root/rel`` with a new file: a rename, so a linked file is never written
+    through, and a symlink of the image is replaced, never followed. A parent that is not a
+    real folder (the image's own symlink or file) is left alone: False."""
     folder, _, name = rel.rpartition("/")
     try:
-        parent = make_dirs(root, folder.split("/")) if folder else root
-    except NotADirectoryError:
-        return False             # the image has a symlink or file here: keep it, go no further
-    target = parent / name
-    if os.path.isdir(target) and not os.path.islink(target):
-        remove_tree(target)
-    tmp = parent / f".tmp-{name}-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, target)
+        parent = root.sub(folder, create=True)
+    except UnsafePath:
+        return False
+    with parent:
+        if parent.is_dir(name):
+            parent.remove(name)
+        parent.write_file(name, data.encode() if isinstance(data, str) else data, mode)
     return True
 
 
-def write(root: Path, config: dict) -> None:
-    """Add the Apptainer files for an image whose config (the whole config blob) is given."""
-    cfg = config.get("config") or {}
+def write(root: Dir, config: ImageConfig) -> None:
+    """Add the Apptainer files for an image to its flat tree ``root``."""
     for rel in DIRS:
-        with contextlib.suppress(NotADirectoryError):   # the image's own symlink stays
-            make_dirs(root, rel.split("/"))
+        with contextlib.suppress(UnsafePath):       # the image's own symlink stays
+            root.sub(rel, create=True).close()
     for name, target in LINKS.items():
-        if not os.path.lexists(root / name):
-            os.symlink(target, root / name)
+        if root.lstat(name) is None:
+            root.new_symlink(name, target)
     _put(root, "etc/hosts", b"", 0o644)
     _put(root, "etc/resolv.conf", b"", 0o644)
     for name, text in ACTIONS.items():
         _put(root, f".singularity.d/actions/{name}", text, 0o755)
     for name, text in ENV_FILES.items():
         _put(root, f".singularity.d/env/{name}", text, 0o755)
-    _put(root, ".singularity.d/env/10-docker2singularity.sh", env_script(cfg.get("Env")), 0o755)
-    _put(root, ".singularity.d/runscript", runscript(cfg.get("Entrypoint"), cfg.get("Cmd")),
-         0o755)
+    _put(root, ".singularity.d/env/10-docker2singularity.sh", env_script(config.env), 0o755)
+    _put(root, ".singularity.d/runscript", runscript(config.entrypoint, config.cmd), 0o755)
     _put(root, ".singularity.d/startscript", "#!/bin/sh\n", 0o755)
-    labels = json.dumps(cfg.get("Labels") or {}, indent="\t", sort_keys=True)
+    labels = json.dumps(config.labels, indent="\t", sort_keys=True)
     _put(root, ".singularity.d/labels.json", labels, 0o644)

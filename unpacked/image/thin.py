@@ -16,10 +16,11 @@ import tarfile
 from dataclasses import dataclass
 
 from ..reference import ImageRef
-from ..registry.resolved import Resolved
+from ..registry.resolved import PlatformImage
 
 VERSION = 1                   # bump when the bytes below change: every thin image is re-pushed
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 PASSWORD_ENV = "DUCC_OUTPUT_REGISTRY_PASS"
@@ -33,10 +34,10 @@ def _json(doc) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def thin_json(origin: str, repo: str, resolved: Resolved) -> bytes:
+def thin_json(origin: str, repo: str, image: PlatformImage) -> bytes:
     layers = [{"digest": x.digest.partition(":")[2],
                "url": f"cvmfs://{repo}/.layers/{x.digest.partition(':')[2]}/layerfs"}
-              for x in resolved.layers]
+              for x in image.layers]
     doc = {"version": "1.0", "origin": origin, "layers": layers}      # DUCC's key order
     return json.dumps(doc, indent=2).encode()
 
@@ -53,9 +54,22 @@ class ThinImage:
         return sha(self.manifest)
 
 
-def build(origin: str, repo: str, resolved: Resolved) -> ThinImage:
-    """The thin image of ``resolved`` as converted into ``repo`` (``origin``: the input)."""
-    thin = thin_json(origin, repo, resolved)
+def _inner(image: PlatformImage) -> dict:
+    """The parts of the source config a thin image carries."""
+    cfg = image.config_doc
+    inner = {"Env": [e for e in cfg.env if not e.startswith("CVMFS_IMAGE=")]
+             + ["CVMFS_IMAGE=true"]}
+    for key, value in (("Entrypoint", cfg.entrypoint), ("Cmd", cfg.cmd),
+                       ("WorkingDir", cfg.working_dir), ("User", cfg.user),
+                       ("Labels", cfg.labels)):
+        if value:
+            inner[key] = list(value) if isinstance(value, tuple) else value
+    return inner
+
+
+def build(origin: str, repo: str, image: PlatformImage) -> ThinImage:
+    """The thin image of ``image`` as converted into ``repo`` (``origin``: the input)."""
+    thin = thin_json(origin, repo, image)
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("thin.json")
@@ -65,15 +79,11 @@ def build(origin: str, repo: str, resolved: Resolved) -> ThinImage:
         tar.addfile(info, io.BytesIO(thin))
     tar_bytes = raw.getvalue()
     layer = gzip.compress(tar_bytes, compresslevel=9, mtime=0)
-    source = resolved.config_json
-    cfg = source.get("config") or {}
-    env = [e for e in cfg.get("Env") or [] if not e.startswith("CVMFS_IMAGE=")]
-    inner = {"Env": env + ["CVMFS_IMAGE=true"]}
-    for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Labels"):
-        if cfg.get(key):
-            inner[key] = cfg[key]
-    config = _json({"architecture": source.get("architecture", "amd64"),
-                    "os": source.get("os", "linux"), "config": inner,
+    cfg = image.config_doc
+    platform = {"architecture": cfg.architecture, "os": cfg.os}
+    if cfg.variant:
+        platform["variant"] = cfg.variant
+    config = _json({**platform, "config": _inner(image),
                     "rootfs": {"type": "layers", "diff_ids": [sha(tar_bytes)]},
                     "history": [{"created_by": f"unpacked thin image of {origin}"}]})
     manifest = _json({"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
@@ -84,24 +94,56 @@ def build(origin: str, repo: str, resolved: Resolved) -> ThinImage:
     return ThinImage(manifest, config, layer, thin)
 
 
-def key(origin: str, repo: str, output: str, resolved: Resolved) -> str:
+def key(origin: str, repo: str, output: str, image: PlatformImage) -> str:
     """What decides a thin image's bytes and destination, hashed (for up-to-date checks)."""
-    cfg = resolved.config_json
-    inner = cfg.get("config") or {}
-    parts = [VERSION, origin, repo, output, [x.digest for x in resolved.layers],
-             {k: inner.get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User",
-                                        "Labels")},
-             cfg.get("os"), cfg.get("architecture")]
+    cfg = image.config_doc
+    parts = [VERSION, origin, repo, output, [x.digest for x in image.layers], _inner(image),
+             cfg.os, cfg.architecture, cfg.variant]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def push(client, output: ImageRef, image: ThinImage, mount_from: str | None = None) -> dict:
-    """Push blobs (HEAD first, cross-repo mount when known, else upload), then the manifest."""
+def index(images: list[PlatformImage], thins: list[ThinImage]) -> bytes:
+    """The OCI index tying the thin images of several platforms together, so that a client
+    pulls the one of its own platform (deterministic bytes)."""
+    entries = []
+    for image, thin_image in zip(images, thins, strict=True):
+        cfg = image.config_doc
+        platform = {"architecture": cfg.architecture, "os": cfg.os}
+        if cfg.variant:
+            platform["variant"] = cfg.variant
+        entries.append({"mediaType": MANIFEST_TYPE, "digest": thin_image.digest,
+                        "size": len(thin_image.manifest), "platform": platform})
+    return _json({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries})
+
+
+def push(client, output: ImageRef, image: ThinImage, mount_from: str | None = None,
+         reference: str | None = None) -> dict:
+    """Push blobs (HEAD first, cross-repo mount when known, else upload), then the manifest
+    at ``reference`` (default: the output's tag). Returns how each blob got there."""
     how = {"layer": client.push_blob(output, image.layer, sha(image.layer), mount_from),
            "config": client.push_blob(output, image.config, sha(image.config), mount_from)}
-    reference = output.tag or output.digest
-    client.put_manifest(output, reference, image.manifest, MANIFEST_TYPE)
+    client.put_manifest(output, reference or output.tag or output.digest, image.manifest,
+                        MANIFEST_TYPE)
     return how
+
+
+def push_all(client, output: ImageRef, origin: str, repo: str, images: list[PlatformImage],
+             state) -> str:
+    """Push the thin image of each platform; with several, an OCI index at the output
+    reference ties them together. Returns the digest the reference now names."""
+    thins = [build(origin, repo, image) for image in images]
+    several = len(thins) > 1
+    for thin_image in thins:
+        home = state.blob_home(output.api_host, sha(thin_image.layer))
+        mount = home if home and home != output.repository else None
+        push(client, output, thin_image, mount, thin_image.digest if several else None)
+        for blob in (thin_image.layer, thin_image.config):
+            state.put_blob_home(output.api_host, sha(blob), output.repository)
+    if not several:
+        return thins[0].digest
+    body = index(images, thins)
+    client.put_manifest(output, output.tag or output.digest, body, INDEX_TYPE)
+    return sha(body)
 
 
 def password(environ=None) -> str | None:

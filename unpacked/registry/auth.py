@@ -3,27 +3,32 @@
 A ``RegistryAuth`` answers ``401`` challenges (Bearer token or Basic) and re-sends the request;
 tokens are cached per realm/service/scope/identity in diskcache (owner-only files) until about
 80 % of their life, and attached up front on later requests so most requests need no round trip.
+
+Credentials go only to hosts the client was asked to talk to (``trust``), and to the token
+realm their own challenge names: never to a host a redirect or an upload location points at.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import diskcache
 import requests
 from requests.auth import AuthBase
 
-from ..errors import Unauthorized
+from ..errors import BadDocument, Unauthorized, UnpackedError, sanitize
+from .documents import MAX_TOKEN, parse_token
+from .retry import network_problem
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,11 @@ HUB_KEYS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hu
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _PARAM = re.compile(rf'\s*({_TOKEN})(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?\s*,?')
 _REPO_PATH = re.compile(r"^/v2/(.+?)/(manifests|blobs|tags)/")
+MAX_CHALLENGE = 4096
+
+
+class CredentialsError(UnpackedError):
+    """A credentials file exists but cannot be read: say so rather than pull anonymously."""
 
 
 def parse_challenge(header: str) -> list[tuple[str, dict[str, str]]]:
@@ -39,7 +49,7 @@ def parse_challenge(header: str) -> list[tuple[str, dict[str, str]]]:
     Quoted values may hold commas and escaped quotes: ``scope="repository:a/b:pull,push"``.
     """
     challenges: list[tuple[str, dict[str, str]]] = []
-    for m in _PARAM.finditer(header):
+    for m in _PARAM.finditer(header[:MAX_CHALLENGE]):
         name, value = m.group(1), m.group(2)
         if value is None:
             challenges.append((name.lower(), {}))
@@ -59,6 +69,12 @@ class Credential:
     def identity(self) -> str:
         """What names this credential in cache keys and logs: never the password."""
         return self.username
+
+    def __repr__(self) -> str:
+        return f"Credential({self.username!r}, ***)"
+
+
+Lookup = Callable[[str], Credential | None]
 
 
 def _host_of(key: str) -> str:
@@ -80,28 +96,61 @@ def config_files(environ: Mapping[str, str]) -> list[Path]:
     return files
 
 
+def _read_auths(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialsError(f"credentials file {path}: cannot read it: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise CredentialsError(f"credentials file {path}: not valid JSON") from None
+    auths = doc.get("auths", {}) if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        raise CredentialsError(f"credentials file {path}: 'auths' must be an object")
+    return auths
+
+
+def _entry_credential(path: Path, key: str, entry: object) -> Credential | None:
+    if not isinstance(entry, dict):
+        raise CredentialsError(f"credentials file {path}: entry {key!r} must be an object")
+    user, password = entry.get("username"), entry.get("password")
+    if isinstance(user, str) and isinstance(password, str) and user and password:
+        return Credential(user, password)
+    encoded = entry.get("auth")
+    if not encoded:
+        return None       # e.g. a credential helper entry: not ours to use
+    try:
+        user, sep, password = base64.b64decode(str(encoded), validate=True).decode().partition(":")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise CredentialsError(f"credentials file {path}: entry {key!r}: 'auth' is not "
+                               "base64 of user:password") from None
+    if not sep:
+        raise CredentialsError(f"credentials file {path}: entry {key!r}: 'auth' holds no ':'")
+    return Credential(user, password)
+
+
 def find_credential(host: str, environ: Mapping[str, str] | None = None) -> Credential | None:
     """The first ``auths`` entry matching ``host`` (Docker Hub's aliases match each other)."""
     environ = os.environ if environ is None else environ
     wanted = {host.lower()} | (HUB_KEYS if host.lower() in HUB_KEYS else set())
     for path in config_files(environ):
-        try:
-            auths = json.loads(path.read_text()).get("auths", {})
-        except (OSError, ValueError, AttributeError):
-            continue
-        for key, entry in auths.items():
-            if _host_of(key) not in wanted or not isinstance(entry, dict):
-                continue
-            if entry.get("username") and entry.get("password"):
-                return Credential(entry["username"], entry["password"])
-            if entry.get("auth"):
-                try:
-                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    log.warning("%s: unreadable auth entry for %s, ignored", path, key)
-                    continue
-                return Credential(user, password)
+        for key, entry in _read_auths(path).items():
+            if isinstance(key, str) and _host_of(key) in wanted:
+                found = _entry_credential(path, key, entry)
+                if found is not None:
+                    return found
     return None
+
+
+def only_for(host: str, credential: Credential) -> Lookup:
+    """A lookup that gives ``credential`` to ``host`` and nothing to anyone else."""
+    def lookup(asked: str) -> Credential | None:
+        return credential if asked == host else find_credential(asked)
+    return lookup
 
 
 class TokenStore:
@@ -112,13 +161,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._disk = None
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(directory, 0o700)
-            old = os.umask(0o077)
-            try:
-                self._disk = diskcache.Cache(str(directory))
-            finally:
-                os.umask(old)
+            self._disk = _open_token_cache(directory)
 
     @staticmethod
     def key(realm: str, service: str, scope: str, identity: str) -> str:
@@ -130,8 +173,8 @@ class TokenStore:
         if hit and hit[1] > time.time():
             return hit[0]
         if self._disk is not None:
-            got = self._disk.get(key)
-            if got:
+            got = _safe(lambda: self._disk.get(key))
+            if isinstance(got, tuple | list) and len(got) == 2:
                 token, until = got
                 if until > time.time():
                     with self._lock:
@@ -144,37 +187,70 @@ class TokenStore:
         with self._lock:
             self._memory[key] = (token, until)
         if self._disk is not None:
-            self._disk.set(key, (token, until), expire=max(1.0, lifetime * 0.8))
+            _safe(lambda: self._disk.set(key, (token, until), expire=max(1.0, lifetime * 0.8)))
 
     def drop(self, key: str) -> None:
         with self._lock:
             self._memory.pop(key, None)
         if self._disk is not None:
-            self._disk.delete(key)
+            _safe(lambda: self._disk.delete(key))
+
+
+def _open_token_cache(directory: Path):
+    """The on-disk token cache (owner-only); unusable means in-memory only, with a warning."""
+    import diskcache
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        old = os.umask(0o077)
+        try:
+            return diskcache.Cache(str(directory))
+        finally:
+            os.umask(old)
+    except Exception as exc:         # noqa: BLE001 - any failure: tokens stay in memory
+        log.warning("token cache %s unusable (%s); tokens are kept in memory only", directory,
+                    sanitize(getattr(exc, "strerror", None) or exc, 120))
+        return None
+
+
+def _safe(call):
+    try:
+        return call()
+    except Exception:               # noqa: BLE001 - a cache that fails is a cache miss
+        return None
 
 
 class RegistryAuth(AuthBase):
-    """Answers 401 challenges for every request of a session, and pre-authorises repeats."""
+    """Answers 401 challenges for the registries it trusts, and pre-authorises repeats."""
 
     def __init__(self, session: requests.Session, tokens: TokenStore,
-                 credentials=find_credential, timeout: float | tuple = 60):
+                 credentials: Lookup = find_credential, timeout: float | tuple = 60):
         self.session = session
         self.tokens = tokens
         self.credentials = credentials
         self.timeout = timeout
+        self._trusted: set[str] = set()
         self._known: dict[str, tuple[str, dict[str, str]]] = {}   # host -> challenge last seen
         self._creds: dict[str, Credential | None] = {}
         self._lock = threading.Lock()
 
+    def trust(self, host: str) -> None:
+        """``host`` is a registry we were asked to talk to: it may receive credentials."""
+        with self._lock:
+            self._trusted.add(host)
+
+    def trusted(self, host: str) -> bool:
+        with self._lock:
+            return host in self._trusted
+
     def credential(self, host: str) -> Credential | None:
         with self._lock:
-            if host not in self._creds:
-                self._creds[host] = self.credentials(host)
-            return self._creds[host]
-
-    def set_credential(self, host: str, credential: Credential | None) -> None:
+            if host in self._creds:
+                return self._creds[host]
+        found = self.credentials(host)
         with self._lock:
-            self._creds[host] = credential
+            self._creds[host] = found
+        return found
 
     @staticmethod
     def scope_for(url: str, method: str) -> str | None:
@@ -185,6 +261,8 @@ class RegistryAuth(AuthBase):
         return f"repository:{m.group(1)}:{'pull,push' if push else 'pull'}"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if not self.trusted(urlsplit(request.url).netloc):
+            return request
         if "Authorization" not in request.headers:
             header = self.known_header(request.url, request.method)
             if header:
@@ -196,6 +274,8 @@ class RegistryAuth(AuthBase):
         """The Authorization a request to ``url`` needs, if a past challenge tells (no I/O but
         the token cache)."""
         host = urlsplit(url).netloc
+        if not self.trusted(host):
+            return None
         with self._lock:
             known = self._known.get(host)
         if not known:
@@ -204,21 +284,23 @@ class RegistryAuth(AuthBase):
 
     def _on_response(self, response: requests.Response, **kwargs) -> requests.Response:
         request = response.request
-        if response.status_code != 401 or getattr(request, "_unpacked_retry", False):
+        host = urlsplit(request.url).netloc
+        if response.status_code != 401 or getattr(request, "_unpacked_retry", False) \
+                or not self.trusted(host):
             return response
         challenges = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         chosen = next((c for c in challenges if c[0] == "bearer"), None) or \
             next((c for c in challenges if c[0] == "basic"), None)
         if chosen is None:
             return response
-        host = urlsplit(request.url).netloc
         with self._lock:
             self._known[host] = chosen
         scope = chosen[1].get("scope") or self.scope_for(request.url, request.method)
         rejected = "Authorization" in request.headers    # what we sent was refused: refetch
         if rejected or chosen[1].get("error") in ("invalid_token", "insufficient_scope"):
             self.tokens.drop(self._token_key(host, chosen, scope))
-        header = self._header(host, chosen, scope, fetch=True, force=rejected)
+        header = self._header(host, chosen, scope, fetch=True, force=rejected,
+                              plain_http=request.url.startswith("http://"))
         if header is None:
             return response
         response.content  # noqa: B018 - drain so the connection returns to the pool
@@ -238,7 +320,7 @@ class RegistryAuth(AuthBase):
                               cred.identity if cred else "")
 
     def _header(self, host: str, challenge, scope: str | None, fetch: bool,
-                force: bool = False) -> str | None:
+                force: bool = False, plain_http: bool = False) -> str | None:
         scheme, params = challenge
         cred = self.credential(host)
         if scheme == "basic":
@@ -249,39 +331,39 @@ class RegistryAuth(AuthBase):
         key = self._token_key(host, challenge, scope)
         token = None if force else self.tokens.get(key)
         if token is None and fetch:
-            token = self._fetch_token(host, params, scope, cred, key)
+            token = self._fetch_token(host, params, scope, cred, key, plain_http)
         return f"Bearer {token}" if token else None
 
     def _fetch_token(self, host: str, params: dict[str, str], scope: str | None,
-                     cred: Credential | None, key: str) -> str:
-        realm = params.get("realm")
-        if not realm:
-            raise Unauthorized(f"{host}: Bearer challenge without a realm")
+                     cred: Credential | None, key: str, plain_http: bool) -> str:
+        realm = params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("https", "http") or not parts.netloc or \
+                (parts.scheme == "http" and not plain_http and cred is not None):
+            raise Unauthorized(f"{host}: Bearer challenge names the realm "
+                               f"{sanitize(realm, 120)!r}, not an https URL; refused")
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in (scope or "").split() if s]
         auth = (cred.username, cred.password) if cred else None
         who = f"as {cred.identity}" if cred else "anonymously"
+        what = f"token from {sanitize(realm, 120)}"
         try:
-            resp = self.session.get(realm, params=query, auth=auth, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise Unauthorized(f"{host}: token server {realm} unreachable: {exc}") from None
+            resp = self.session.get(realm, params=query, auth=auth, timeout=self.timeout,
+                                    stream=True, allow_redirects=False)
+            body = resp.raw.read(MAX_TOKEN + 1, decode_content=True)
+            resp.close()
+        except (requests.RequestException, OSError) as exc:
+            reason, _ = network_problem(exc, parts.netloc)
+            raise Unauthorized(f"{host}: token server unreachable: {reason}") from None
         if resp.status_code != 200:
-            raise Unauthorized(f"unauthorized for {host}: token server {realm} answered "
-                               f"{resp.status_code} {_brief(resp)} ({who})",
+            said = sanitize(body[:200].decode("utf-8", "replace"), 200)
+            raise Unauthorized(f"unauthorized for {host}: token server {sanitize(realm, 120)} "
+                               f"answered {resp.status_code} {said} ({who})",
                                status=resp.status_code, code="UNAUTHORIZED")
         try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-            lifetime = float(body.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-        if not token:
-            raise Unauthorized(f"{host}: token server {realm} sent no token")
-        self.tokens.put(key, token, lifetime)
-        log.debug("token for %s scope %s %s, %ss", host, scope, who, lifetime)
-        return token
-
-
-def _brief(resp: requests.Response) -> str:
-    text = resp.text.strip().replace("\n", " ")
-    return text[:200]
+            answer = parse_token(body, what)
+        except BadDocument as exc:
+            raise Unauthorized(str(exc)) from None
+        self.tokens.put(key, answer.token, answer.lifetime)
+        log.debug("token for %s scope %s %s, %ss", host, scope, who, answer.lifetime)
+        return answer.token

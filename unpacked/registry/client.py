@@ -1,56 +1,59 @@
-"""The registry client: one pooled session, verified manifests and configs, streamed blobs.
+"""The registry client: one pooled session, verified typed documents, bounded streamed blobs.
 
 Nothing is trusted before it is verified: manifest bytes against their digest, the config
 against its descriptor, and every blob against its digest and size at the end of its stream.
+Every request has a total deadline and every document a size cap; tag listings are capped in
+pages and in tags; whatever a registry says is sanitised before it reaches a message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from ..errors import DigestMismatch, NotFound, RegistryError, Unauthorized, Unsupported
+from ..errors import (
+    BadDocument,
+    DigestMismatch,
+    NotFound,
+    RegistryError,
+    Unauthorized,
+    Unreachable,
+    Unsupported,
+    sanitize,
+)
 from ..reference import ImageRef
+from . import documents as docs
 from . import platform as platforms
-from .auth import RegistryAuth, TokenStore, find_credential
-from .resolved import Layer, Resolved
-from .retry import RetryAdapter, RetryPolicy, retry_after, retryable_status
+from .auth import Lookup, RegistryAuth, TokenStore, find_credential
+from .resolved import Layer, PlatformImage, Resolved
+from .retry import RetryAdapter, RetryPolicy, network_problem, retry_after, retryable_status
 
 log = logging.getLogger(__name__)
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
-           "application/vnd.docker.distribution.manifest.v1+prettyjws")
-MANIFESTS = (DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX)
-INDEXES = (DOCKER_LIST, OCI_INDEX)
-ACCEPT = ", ".join(MANIFESTS)
-CONFIG_TYPES = ("application/vnd.docker.container.image.v1+json",
-                "application/vnd.oci.image.config.v1+json")
-MAX_MANIFEST = 4 << 20
-MAX_CONFIG = 32 << 20
 CHUNK = 256 << 10
 PROGRESS_SECONDS = 10.0
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+MAX_TAG_PAGES = 1000
+MAX_TAGS = 100_000
+MIN_BLOB_RATE = 64 << 10        # bytes/s a blob transfer must average (after a grace period)
+BLOB_GRACE = 300.0              # seconds every blob transfer may take whatever its size
 _STREAM_ERRORS = (requests.RequestException, Urllib3Error, OSError)
 
 
 def hasher(digest: str):
     algorithm = digest.partition(":")[0]
     if algorithm not in ("sha256", "sha512"):
-        raise Unsupported(f"digest algorithm {algorithm!r} of {digest} is not supported")
+        raise Unsupported(f"digest algorithm {sanitize(algorithm, 20)!r} is not supported")
     return hashlib.new(algorithm)
 
 
@@ -62,26 +65,40 @@ def verify(data: bytes, digest: str, what: str) -> None:
         raise DigestMismatch(f"{what}: content hashes to {got}, expected {digest}; refused")
 
 
-def _error_text(resp: requests.Response) -> tuple[str | None, str]:
+def _error_text(resp: requests.Response, body: bytes) -> tuple[str | None, str]:
     """The registry's error code and message, from its JSON body when it sent one."""
     try:
-        errors = resp.json().get("errors") or []
-        first = errors[0]
-        return first.get("code"), first.get("message") or ""
-    except (ValueError, AttributeError, IndexError, TypeError):
-        text = resp.text.strip().replace("\n", " ")[:200] if resp.request.method != "HEAD" else ""
-        return None, text
+        first = docs.decode(body, "error", 1 << 16).get("errors")[0]
+        code, message = first.get("code"), first.get("message")
+        return (sanitize(code, 40) if isinstance(code, str) else None,
+                sanitize(message, 200) if isinstance(message, str) else "")
+    except (BadDocument, AttributeError, IndexError, TypeError, KeyError):
+        text = body.decode("utf-8", "replace") if resp.request.method != "HEAD" else ""
+        return None, sanitize(text, 200)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long one interaction with a registry may take."""
+
+    timeout: float = 60.0           # to connect, and between two reads
+    deadline: float = 300.0         # a whole document request, however slowly it trickles
+
+    def http_timeout(self) -> tuple[float, float]:
+        return (min(self.timeout, 30.0), self.timeout)
 
 
 class RegistryClient:
     """All requests to registries go through here: one session, auth and retries attached once."""
 
     def __init__(self, cache_dir: Path | None = None, policy: RetryPolicy | None = None,
-                 timeout: float = 60.0, credentials=find_credential, pool: int = 16):
+                 timeout: float = 60.0, credentials: Lookup = find_credential, pool: int = 16,
+                 deadline: float = 300.0):
         self.policy = policy or RetryPolicy()
-        self.timeout = (min(timeout, 30.0), timeout)
+        self.limits = Limits(timeout, deadline)
+        self.timeout = self.limits.http_timeout()
         self.session = requests.Session()
-        self.session.headers["User-Agent"] = "unpacked/0.1 (+cvmfs)"
+        self.session.headers["User-Agent"] = "unpacked/0.2 (+cvmfs)"
         # requests re-reads proxies and ~/.netrc from the environment on every request (a
         # third of a HEAD's cost): only when a proxy is set; the CA bundle is read here once.
         self.session.trust_env = any(os.environ.get(v) or os.environ.get(v.lower())
@@ -95,7 +112,6 @@ class RegistryClient:
         self.session.mount("http://", adapter)
         tokens = TokenStore(cache_dir / "tokens" if cache_dir else None)
         self.auth = RegistryAuth(self.session, tokens, credentials, self.timeout)
-
         self._fast: urllib3.PoolManager | None = None
         if not self.session.trust_env:
             verify = self.session.verify
@@ -109,13 +125,15 @@ class RegistryClient:
         if self._fast is not None:
             self._fast.clear()
 
+    # -- plumbing -----------------------------------------------------------------------------
+
     def _fast_head(self, url: str) -> tuple[int | None, str | None]:
         """A HEAD without requests' machinery (a third of its cost): the common case of a
         re-resolve. Returns (status, digest); anything unusual (401, errors) makes the caller
         take the full path, with its retries, auth answers and error messages."""
         if self._fast is None:
             return None, None
-        headers = {"Accept": ACCEPT, "User-Agent": self.session.headers["User-Agent"]}
+        headers = {"Accept": docs.ACCEPT, "User-Agent": self.session.headers["User-Agent"]}
         auth = self.auth.known_header(url, "HEAD")
         if auth:
             headers["Authorization"] = auth
@@ -127,35 +145,37 @@ class RegistryClient:
             # the full path retries; wait as it would have, so Retry-After is honoured
             delay = retry_after(resp.headers.get("Retry-After"))
             delay = self.policy.backoff(1) if delay is None else delay
-            if delay <= self.policy.seconds:      # beyond the budget the full path gives up
+            if delay <= min(self.policy.seconds, 60.0):
                 time.sleep(delay)
-        remaining = resp.headers.get("ratelimit-remaining")
-        if remaining is not None:
-            log.info("%s ratelimit-remaining %s", url.split("/v2/")[0], remaining)
-        return resp.status, resp.headers.get("Docker-Content-Digest")
-
-    # -- plumbing -----------------------------------------------------------------------------
+        digest = resp.headers.get("Docker-Content-Digest")
+        return resp.status, digest if docs.is_digest(digest) else None
 
     def request(self, method: str, ref: ImageRef, path: str, what: str, *,
                 headers: dict | None = None, stream: bool = False, ok=(200,),
                 url: str | None = None, **kwargs) -> requests.Response:
         """One request to ``/v2/<repository>/<path>``; a failure becomes a one-line error."""
+        self.auth.trust(ref.api_host)
         url = url or f"{ref.base_url}/v2/{ref.repository}/{path}"
         try:
             resp = self.session.request(method, url, headers=headers, stream=stream,
                                         timeout=self.timeout, auth=self.auth, **kwargs)
         except Unauthorized:
             raise
-        except requests.RequestException as exc:
-            raise RegistryError(f"{what}: cannot reach {ref.api_host}: {_short(exc)}") from None
+        except (requests.RequestException, OSError) as exc:
+            reason, _ = network_problem(exc, urlsplit(url).netloc or ref.api_host)
+            raise Unreachable(f"{what}: {reason}") from None
         if resp.status_code in ok:
             return resp
         raise self.error(resp, ref, what)
 
     def error(self, resp: requests.Response, ref: ImageRef, what: str) -> RegistryError:
-        code, message = _error_text(resp)
+        try:
+            body = resp.raw.read(1 << 16, decode_content=True) if resp.raw else b""
+        except _STREAM_ERRORS:
+            body = b""
         resp.close()
-        answer = f"{resp.status_code} {code or resp.reason or ''}".strip()
+        code, message = _error_text(resp, body or b"")
+        answer = f"{resp.status_code} {code or sanitize(resp.reason or '', 60)}".strip()
         if message:
             answer += f": {message}"
         if resp.status_code == 401 or code in ("UNAUTHORIZED", "DENIED"):
@@ -166,16 +186,45 @@ class RegistryClient:
         if resp.status_code == 404:
             return NotFound(f"{what}: registry answered {answer}", 404, code)
         if resp.status_code == 429:
-            wait = resp.headers.get("Retry-After")
+            wait = sanitize(resp.headers.get("Retry-After", ""), 60)
             return RegistryError(f"{what}: rate limited, registry answered {answer}"
                                  + (f" (Retry-After {wait})" if wait else ""), 429, code)
         return RegistryError(f"{what}: registry answered {answer}", resp.status_code, code)
+
+    def read_document(self, resp: requests.Response, limit: int, what: str) -> bytes:
+        """A whole response body, capped in size and in total time."""
+        deadline = time.monotonic() + self.limits.deadline
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise BadDocument(f"{what}: {int(declared):,} bytes announced, more than "
+                              f"{limit:,}; refused")
+        chunks, total = [], 0
+        try:
+            while True:
+                chunk = resp.raw.read(min(CHUNK, limit + 1 - total), decode_content=True)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise BadDocument(f"{what}: larger than {limit:,} bytes; refused")
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"{what}: not received within "
+                                        f"{self.limits.deadline:g}s; refused")
+                chunks.append(chunk)
+        except _STREAM_ERRORS as exc:
+            reason, _ = network_problem(exc, urlsplit(resp.url).netloc)
+            raise RegistryError(f"{what}: transfer failed: {reason}") from None
+        finally:
+            resp.close()
+        return b"".join(chunks)
 
     # -- manifests ----------------------------------------------------------------------------
 
     def head_manifest(self, ref: ImageRef, reference: str) -> str | None:
         """The digest a tag points at (one HEAD, not counted as a pull), or None if unsaid."""
         what = f"manifest {ref.registry}/{ref.repository}:{reference}"
+        self.auth.trust(ref.api_host)
         status, digest = self._fast_head(f"{ref.base_url}/v2/{ref.repository}/manifests/"
                                          f"{reference}")
         if status == 200 and digest:
@@ -185,118 +234,151 @@ class RegistryClient:
             raise NotFound(f"{what}: registry answered 404", 404)
         try:
             resp = self.request("HEAD", ref, f"manifests/{reference}", what,
-                                headers={"Accept": ACCEPT})
+                                headers={"Accept": docs.ACCEPT})
         except RegistryError as exc:
-            if exc.status in (401, 404) or exc.status is None:
+            if exc.status in (401, 404):
                 # HEAD has no body: ask again with GET so the user sees the registry's reason.
                 self.get_manifest(ref, reference)
             raise
-        return resp.headers.get("Docker-Content-Digest")
+        resp.close()
+        digest = resp.headers.get("Docker-Content-Digest")
+        return digest if docs.is_digest(digest) else None
 
     def get_manifest(self, ref: ImageRef, reference: str) -> tuple[bytes, str, str]:
         """``(bytes, media type, digest)`` of a manifest, verified against its digest."""
-        sep = "@" if ":" in reference else ":"
-        what = f"manifest {ref.registry}/{ref.repository}{sep}{reference}"
+        by_digest = docs.is_digest(reference)
+        what = f"manifest {ref.registry}/{ref.repository}{'@' if by_digest else ':'}{reference}"
         resp = self.request("GET", ref, f"manifests/{reference}", what,
-                            headers={"Accept": ACCEPT}, stream=True)
-        body = _read_limited(resp, MAX_MANIFEST, what)
-        header_digest = resp.headers.get("Docker-Content-Digest")
-        digest = reference if sep == "@" else header_digest
+                            headers={"Accept": docs.ACCEPT}, stream=True)
+        content_type = resp.headers.get("Content-Type", "")
+        said = resp.headers.get("Docker-Content-Digest")
+        body = self.read_document(resp, docs.MAX_MANIFEST, what)
+        digest = reference if by_digest else (said if docs.is_digest(said) else None)
         if digest is None:
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
         verify(body, digest, what)
-        if header_digest and header_digest != digest and header_digest.startswith("sha256:") \
+        if said and docs.is_digest(said) and said != digest and said.startswith("sha256:") \
                 and digest.startswith("sha256:"):
-            raise DigestMismatch(f"{what}: registry says {header_digest}, content is {digest}")
-        return body, _media_type(resp, body, what), digest
+            raise DigestMismatch(f"{what}: registry says {said}, content is {digest}")
+        return body, docs.media_type_of(body, content_type, what), digest
 
-    def resolve(self, ref: ImageRef, wanted: str,
+    def resolve(self, ref: ImageRef, wanted: tuple[str, ...],
                 known: Resolved | None = None) -> Resolved:
-        """Resolve a tag or digest to its platform manifest and config, verified.
+        """Resolve a tag or digest to the image manifest of each platform asked for.
 
         With ``known`` (the last result for this input) an unchanged tag costs one HEAD.
         """
         top = ref.digest or self.head_manifest(ref, ref.tag)
         if known is not None and top is not None and known.top_digest == top \
-                and known.platform == wanted:
+                and known.wanted == wanted:
             return known
         body, media_type, digest = self.get_manifest(ref, top or ref.tag)
-        top = digest if top is None else top
-        want = platforms.Platform.parse(wanted)
-        for _depth in range(4):
-            if media_type not in INDEXES:
-                break
-            index = _json(body, f"index {digest} of {ref}")
-            entry = platforms.choose(index, want)
-            if entry is None:
-                offers = ", ".join(platforms.available(index)) or "none"
-                raise NotFound(f"{ref}: no image for platform {want} in index {digest} "
+        top = top or digest
+        what = f"{ref}"
+        if media_type in docs.INDEXES:
+            index = docs.parse_index(body, media_type, f"index {digest} of {ref}")
+            entries, missing = platforms.select(index, wanted)
+            if not entries:
+                offers = ", ".join(platforms.offered(index)) or "none"
+                raise NotFound(f"{what}: no image for {', '.join(wanted)} in index {digest} "
                                f"(offers: {offers})")
-            body, media_type, digest = self.get_manifest(ref, entry["digest"])
-        if media_type in SCHEMA1:
+            images = [self._platform_image(ref, *self._child(ref, e)) for e in entries]
+        else:
+            image = self._platform_image(ref, body, media_type, digest)
+            images, missing = self._single(image, wanted)
+            if not images:
+                raise NotFound(f"{what}: a single-platform image for {image.platform}, not "
+                               f"{', '.join(wanted)}")
+        return Resolved(ref.name, top, media_type, tuple(wanted), images, tuple(missing),
+                        time.time())
+
+    def _child(self, ref: ImageRef, entry: docs.Descriptor) -> tuple[bytes, str, str]:
+        body, media_type, digest = self.get_manifest(ref, entry.digest)
+        if media_type in docs.INDEXES:
+            raise Unsupported(f"{ref}: index entry {entry.digest} is itself an index")
+        return body, media_type, digest
+
+    @staticmethod
+    def _single(image: PlatformImage, wanted: tuple[str, ...]):
+        """A single-manifest image counts as the platform its config names."""
+        if platforms.ALL in wanted:
+            return [image], []
+        offered = docs.Platform.parse(image.platform)
+        if any(platforms.matches(docs.Platform.parse(w), offered) for w in wanted):
+            return [image], [w for w in wanted
+                             if not platforms.matches(docs.Platform.parse(w), offered)]
+        return [], list(wanted)
+
+    def _platform_image(self, ref: ImageRef, body: bytes, media_type: str,
+                        digest: str) -> PlatformImage:
+        what = f"manifest {digest} of {ref}"
+        if media_type in docs.SCHEMA1:
             raise Unsupported(f"{ref}: Docker schema 1 manifest {digest} is not supported; "
                               "re-push the image with a current client")
-        if media_type not in (DOCKER_MANIFEST, OCI_MANIFEST):
+        if media_type not in docs.MANIFESTS:
             raise Unsupported(f"{ref}: manifest {digest} has media type {media_type!r}, "
                               "not an image manifest")
-        manifest = _json(body, f"manifest {digest} of {ref}")
-        config_desc = manifest.get("config") or {}
-        config_type = config_desc.get("mediaType")
-        if config_type not in CONFIG_TYPES:
-            raise Unsupported(f"{ref}: manifest {digest} is not a container image "
-                              f"(config type {config_type!r})")
-        config = self.get_config(ref, config_desc)
-        config_json = _json(config, f"config {config_desc['digest']} of {ref}")
-        rootfs = config_json.get("rootfs") or {}
-        diff_ids = rootfs.get("diff_ids") or []
-        descriptors = manifest.get("layers") or []
-        if rootfs.get("type") != "layers" or len(diff_ids) != len(descriptors):
-            raise RegistryError(f"{ref}: config {config_desc['digest']} lists {len(diff_ids)} "
-                                f"diff_ids for {len(descriptors)} layers (rootfs type "
-                                f"{rootfs.get('type')!r})")
-        pairs = zip(descriptors, diff_ids, strict=True)
-        layers = [Layer(d["digest"], int(d.get("size", -1)), d.get("mediaType", ""), diff,
-                        list(d.get("urls") or [])) for d, diff in pairs]
+        manifest = docs.parse_manifest(body, media_type, what)
+        if manifest.config.media_type not in docs.CONFIG_TYPES:
+            raise Unsupported(f"{ref}: manifest {digest} is not a container image (config "
+                              f"type {manifest.config.media_type!r})")
+        config = self.get_config(ref, manifest.config)
+        parsed = docs.parse_config(config, f"config {manifest.config.digest} of {ref}")
+        if len(parsed.diff_ids) != len(manifest.layers):
+            raise BadDocument(f"{ref}: config {manifest.config.digest} lists "
+                              f"{len(parsed.diff_ids)} diff_ids for {len(manifest.layers)} "
+                              "layers")
+        layers = [Layer(d.digest, d.size, d.media_type, diff, d.urls)
+                  for d, diff in zip(manifest.layers, parsed.diff_ids, strict=True)]
         for layer in layers:
             hasher(layer.digest)
-        found = "/".join(p for p in (config_json.get("os"), config_json.get("architecture"),
-                                     config_json.get("variant")) if p)
-        log.debug("%s -> %s (%s)", ref, digest, found)
-        return Resolved(ref.name, top, digest, media_type, body, config_desc["digest"], config,
-                        layers, wanted, time.time())
+        log.debug("%s -> %s (%s)", ref, digest, parsed.platform)
+        return PlatformImage(parsed.platform, digest, media_type, body, manifest.config.digest,
+                             config, layers)
 
-    def get_config(self, ref: ImageRef, descriptor: dict) -> bytes:
-        digest = descriptor["digest"]
-        what = f"config {digest} of {ref}"
-        resp = self.request("GET", ref, f"blobs/{digest}", what, stream=True)
-        body = _read_limited(resp, MAX_CONFIG, what)
-        verify(body, digest, what)
+    def get_config(self, ref: ImageRef, descriptor: docs.Descriptor) -> bytes:
+        what = f"config {descriptor.digest} of {ref}"
+        if descriptor.size > docs.MAX_CONFIG:
+            raise BadDocument(f"{what}: {descriptor.size:,} bytes, more than "
+                              f"{docs.MAX_CONFIG:,}; refused")
+        resp = self.request("GET", ref, f"blobs/{descriptor.digest}", what, stream=True)
+        body = self.read_document(resp, docs.MAX_CONFIG, what)
+        verify(body, descriptor.digest, what)
         return body
 
     # -- blobs and tags -----------------------------------------------------------------------
 
-    def open_blob(self, ref: ImageRef, digest: str, size: int = -1,
+    def open_blob(self, ref: ImageRef, digest: str, size: int,
                   url: str | None = None) -> BlobStream:
         """A verifying, resuming stream of one blob (``url``: a foreign layer's own address)."""
         return BlobStream(self, ref, digest, size, url)
 
-    def tags(self, ref: ImageRef, page: int = 100) -> list[str]:
-        """Every tag of a repository, following ``Link`` pagination."""
+    def tags(self, ref: ImageRef, page: int = 1000) -> tuple[list[str], list[str]]:
+        """Every valid tag of a repository (following ``Link`` pagination on the same
+        registry, capped), and the names refused by the tag grammar."""
         what = f"tag list of {ref.registry}/{ref.repository}"
         url = f"{ref.base_url}/v2/{ref.repository}/tags/list?n={page}"
+        origin = urlsplit(url)[:2]
         tags: list[str] = []
-        seen_urls = set()
+        bad: list[str] = []
+        seen_urls: set[str] = set()
         while url and url not in seen_urls:
+            if len(seen_urls) >= MAX_TAG_PAGES:
+                raise RegistryError(f"{what}: more than {MAX_TAG_PAGES} pages; refused")
             seen_urls.add(url)
-            resp = self.request("GET", ref, "", what, url=url)
-            try:
-                tags.extend(resp.json().get("tags") or [])
-            except (ValueError, AttributeError):
-                raise RegistryError(f"{what}: registry sent no JSON tag list") from None
-            nxt = resp.links.get("next", {}).get("url")
-            url = urljoin(url, nxt) if nxt else None
-        return tags
-
+            resp = self.request("GET", ref, "", what, url=url, stream=True)
+            link = resp.links.get("next", {}).get("url")
+            good, wrong = docs.parse_tag_list(self.read_document(resp, docs.MAX_TAG_PAGE, what),
+                                              what)
+            tags.extend(good)
+            bad.extend(wrong)
+            if len(tags) > MAX_TAGS:
+                raise RegistryError(f"{what}: more than {MAX_TAGS:,} tags; refused")
+            url = urljoin(url, link) if link else None
+            if url and urlsplit(url)[:2] != origin:
+                raise RegistryError(f"{what}: the next page is on another host "
+                                    f"({sanitize(url, 100)}); refused")
+        return tags, bad
 
     # -- pushes -------------------------------------------------------------------------------
 
@@ -323,6 +405,8 @@ class RegistryClient:
         if not location:
             raise RegistryError(f"{what}: the registry gave no upload location")
         url = urljoin(f"{ref.base_url}/v2/{ref.repository}/blobs/uploads/", location)
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise RegistryError(f"{what}: upload location {sanitize(location, 100)!r} refused")
         url += ("&" if "?" in url else "?") + f"digest={digest}"
         done = self.request("PUT", ref, "", what, url=url, data=data, ok=(201,),
                             headers={"Content-Type": "application/octet-stream"})
@@ -341,7 +425,8 @@ class BlobStream(io.RawIOBase):
     """Reads one blob, resuming a dropped connection with ``Range``; verifies at EOF.
 
     Bytes are handed out as they arrive, so a consumer must not commit anything before the
-    stream reached its end without error (``read`` returning ``b''``).
+    stream reached its end without error (``read`` returning ``b''``). The declared size bounds
+    the transfer, and the transfer must average a minimal rate after a grace period.
     """
 
     def __init__(self, client: RegistryClient, ref: ImageRef, digest: str, size: int,
@@ -354,7 +439,9 @@ class BlobStream(io.RawIOBase):
         self._skip = 0
         self._failures = 0
         self._verified = False
-        self._next_report = time.monotonic() + PROGRESS_SECONDS
+        self._started = time.monotonic()
+        self._deadline = self._started + BLOB_GRACE + max(size, 0) / MIN_BLOB_RATE
+        self._next_report = self._started + PROGRESS_SECONDS
         self._open()
 
     def readable(self) -> bool:
@@ -366,11 +453,13 @@ class BlobStream(io.RawIOBase):
             try:
                 resp = self.client.session.get(self.url, headers=headers, stream=True,
                                                timeout=self.client.timeout)
-            except requests.RequestException as exc:
-                raise RegistryError(f"{self.what}: cannot fetch {self.url}: {_short(exc)}") \
-                    from None
+            except (requests.RequestException, OSError) as exc:
+                reason, _ = network_problem(exc, urlsplit(self.url).netloc)
+                raise Unreachable(f"{self.what}: {reason}") from None
             if resp.status_code not in (200, 206):
-                raise RegistryError(f"{self.what}: {self.url} answered {resp.status_code}")
+                resp.close()
+                raise RegistryError(f"{self.what}: {sanitize(self.url, 120)} answered "
+                                    f"{resp.status_code}")
         else:
             resp = self.client.request("GET", self.ref, f"blobs/{self.digest}", self.what,
                                        headers=headers, stream=True, ok=(200, 206))
@@ -381,7 +470,7 @@ class BlobStream(io.RawIOBase):
                 if start != str(self.received):
                     resp.close()
                     raise RegistryError(f"{self.what}: resumed at the wrong offset "
-                                        f"({resp.headers.get('Content-Range')!r})")
+                                        f"({sanitize(resp.headers.get('Content-Range'), 60)})")
             else:
                 self._skip = self.received       # 200: the whole blob again; skip what we have
             log.info("%s: resuming at byte %d", self.what, self.received)
@@ -391,17 +480,23 @@ class BlobStream(io.RawIOBase):
         self._failures += 1
         if self._resp is not None:
             self._resp.close()
-        if self._failures >= self.client.policy.attempts:
+        reason, again = network_problem(exc, self.ref.api_host) \
+            if not isinstance(exc, EOFError) else (str(exc), True)
+        if not again or self._failures >= self.client.policy.attempts:
             raise RegistryError(f"{self.what}: transfer failed {self._failures} times, last: "
-                                f"{_short(exc)}") from None
+                                f"{reason}") from None
         log.warning("%s: transfer broke after %d bytes (%s), resuming", self.what,
-                    self.received, _short(exc))
+                    self.received, reason)
         time.sleep(self.client.policy.backoff(self._failures))
         self._open()
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer)
         while True:
+            if time.monotonic() > self._deadline:
+                raise RegistryError(f"{self.what}: slower than {MIN_BLOB_RATE >> 10} KiB/s "
+                                    f"({self.received:,} of {self.size:,} bytes in "
+                                    f"{time.monotonic() - self._started:.0f}s); refused")
             try:
                 data = self._resp.raw.read(min(len(view), CHUNK), decode_content=False)
             except _STREAM_ERRORS as exc:
@@ -414,14 +509,14 @@ class BlobStream(io.RawIOBase):
                 if not data:
                     continue
             if not data:
-                if self._skip or (self.size >= 0 and self.received < self.size):
+                if self._skip or self.received < self.size:
                     self._retry(EOFError(f"connection closed at byte {self.received}"))
                     continue
                 self._finish()
                 return 0
-            if 0 <= self.size < self.received + len(data):
-                raise DigestMismatch(f"{self.what}: more than the {self.size} bytes announced; "
-                                     "refused")
+            if self.received + len(data) > self.size:
+                raise DigestMismatch(f"{self.what}: more than the {self.size:,} bytes "
+                                     "announced; refused")
             self._hash.update(data)
             self.received += len(data)
             view[:len(data)] = data
@@ -452,57 +547,3 @@ class BlobStream(io.RawIOBase):
         if self._resp is not None:
             self._resp.close()
         super().close()
-
-
-def _read_limited(resp: requests.Response, limit: int, what: str) -> bytes:
-    chunks, total = [], 0
-    try:
-        for chunk in resp.iter_content(CHUNK):
-            total += len(chunk)
-            if total > limit:
-                raise RegistryError(f"{what}: larger than {limit} bytes; refused")
-            chunks.append(chunk)
-    except requests.RequestException as exc:
-        raise RegistryError(f"{what}: transfer failed: {_short(exc)}") from None
-    finally:
-        resp.close()
-    return b"".join(chunks)
-
-
-def _media_type(resp: requests.Response, body: bytes, what: str) -> str:
-    header = resp.headers.get("Content-Type", "").split(";")[0].strip()
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise RegistryError(f"{what}: the registry sent something that is not JSON") from None
-    declared = doc.get("mediaType") if isinstance(doc, dict) else None
-    if declared and header and header in MANIFESTS + SCHEMA1 and declared != header:
-        raise RegistryError(f"{what}: Content-Type {header} disagrees with mediaType {declared}")
-    found = declared or header
-    if found in MANIFESTS + SCHEMA1:
-        return found
-    if isinstance(doc, dict):
-        if doc.get("schemaVersion") == 1:
-            return SCHEMA1[0]
-        if "manifests" in doc:
-            return OCI_INDEX
-        if "config" in doc and "layers" in doc:
-            return OCI_MANIFEST
-    return found or "unknown"
-
-
-def _json(body: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise RegistryError(f"{what}: not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise RegistryError(f"{what}: not a JSON object")
-    return doc
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if len(text) > 200:
-        text = text[:200] + "…"
-    return text

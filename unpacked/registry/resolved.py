@@ -1,49 +1,78 @@
-"""What an image resolves to: the plain data task generation and unpacking work from."""
+"""What an input resolves to: the plain data task generation and conversion work from.
+
+It is kept in ``cache/`` between runs, so it holds only checked values: digests that passed
+their grammar, the exact manifest and config bytes (re-parsed, never trusted raw), layers.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+from .documents import ImageConfig, parse_config
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layer:
     digest: str
     size: int
     media_type: str
     diff_id: str
-    urls: list[str] = field(default_factory=list)
+    urls: tuple[str, ...] = ()
+
+
+@dataclass
+class PlatformImage:
+    """One image manifest of an input: a platform's manifest, config and layers."""
+
+    platform: str              # os/arch[/variant], as the config names it
+    manifest_digest: str
+    media_type: str
+    manifest: bytes            # the exact bytes fetched
+    config_digest: str
+    config: bytes              # the exact bytes fetched
+    layers: list[Layer]
+
+    @cached_property
+    def config_doc(self) -> ImageConfig:
+        return parse_config(self.config, f"config {self.config_digest}")
+
+    @property
+    def arch(self) -> str:
+        """``arch[:variant]``: the folder name DUCC's ``.multiarch`` uses."""
+        parts = self.platform.split("/")
+        return parts[1] + (f":{parts[2]}" if len(parts) > 2 else "")
 
 
 @dataclass
 class Resolved:
-    """Everything task generation and unpacking need for one image, offline."""
+    """Everything task generation and conversion need for one input, offline."""
 
     name: str                      # registry/repository:tag as resolved (wildcards expanded)
     top_digest: str                # what the tag points at (index or manifest)
-    manifest_digest: str           # the platform manifest
-    media_type: str
-    manifest: bytes                # exact bytes of the platform manifest
-    config_digest: str
-    config: bytes                  # exact bytes of the config blob
-    layers: list[Layer]
-    platform: str
-    resolved_at: float
-
-    @property
-    def config_json(self) -> dict:
-        return json.loads(self.config)
+    top_media_type: str
+    wanted: tuple[str, ...]        # the platforms asked for (or ("all",))
+    images: list[PlatformImage]    # those found, in the order asked
+    missing: tuple[str, ...] = ()  # platforms asked for that the index does not offer
+    resolved_at: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["manifest"] = self.manifest.decode("utf-8", "surrogateescape")
-        d["config"] = self.config.decode("utf-8", "surrogateescape")
+        for image in d["images"]:
+            image["manifest"] = image["manifest"].decode("utf-8", "surrogateescape")
+            image["config"] = image["config"].decode("utf-8", "surrogateescape")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Resolved:
-        d = dict(d)
-        d["manifest"] = d["manifest"].encode("utf-8", "surrogateescape")
-        d["config"] = d["config"].encode("utf-8", "surrogateescape")
-        d["layers"] = [Layer(**x) for x in d["layers"]]
-        return cls(**d)
+        images = []
+        for x in d["images"]:
+            x = dict(x)
+            x.pop("config_doc", None)
+            x["manifest"] = x["manifest"].encode("utf-8", "surrogateescape")
+            x["config"] = x["config"].encode("utf-8", "surrogateescape")
+            x["layers"] = [Layer(**{**layer, "urls": tuple(layer.get("urls") or ())})
+                           for layer in x["layers"]]
+            images.append(PlatformImage(**x))
+        return cls(d["name"], d["top_digest"], d["top_media_type"], tuple(d["wanted"]), images,
+                   tuple(d.get("missing") or ()), d.get("resolved_at", 0.0))

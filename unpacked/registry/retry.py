@@ -1,19 +1,25 @@
 """Retries attached once to the session: connection errors, timeouts, 5xx and 429.
 
 Backoff is exponential with full jitter, honours ``Retry-After`` (seconds, an HTTP date, or
-the Unix timestamp Docker Hub has sent) and is bounded in attempts and in total time.
+the Unix timestamp Docker Hub has sent) and is bounded in attempts and in total time. What
+retrying cannot mend (a name that does not resolve, TLS spoken to a plain-HTTP registry) fails
+at once, with a short human message.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
+
+from ..errors import sanitize
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +50,51 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     except ValueError:
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
     if number > 1e9:          # a Unix timestamp, not a delay
         return max(0.0, number - now)
     return max(0.0, number)
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        for arg in getattr(exc, "args", ()):
+            if isinstance(arg, BaseException):
+                yield from _causes(arg)
+        exc = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+
+
+def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:
+    """A short human reason for a failed connection, and whether trying again can help."""
+    causes = list(_causes(exc))
+    if any(isinstance(c, NameResolutionError) for c in causes):
+        return f"cannot reach {host}: name does not resolve", False
+    if any(isinstance(c, requests.exceptions.SSLError | ssl.SSLError) for c in causes):
+        text = " ".join(str(c) for c in causes).lower()
+        if "wrong version number" in text or "record layer failure" in text \
+                or "unknown protocol" in text or "packet length too long" in text:
+            return (f"cannot reach {host}: it does not speak TLS (use http://{host}/… in the "
+                    "recipe for a plain-HTTP registry)"), False
+        if "certificate" in text:
+            return f"cannot reach {host}: its TLS certificate is not trusted", False
+        return f"cannot reach {host}: TLS handshake failed", False
+    if any(isinstance(c, requests.Timeout) for c in causes) or \
+            any("timed out" in str(c) for c in causes):
+        return f"cannot reach {host}: timed out", True
+    for c in causes:
+        if isinstance(c, ConnectionRefusedError) or "Connection refused" in str(c):
+            return f"cannot reach {host}: connection refused", True
+        if isinstance(c, ConnectionResetError) or "reset by peer" in str(c):
+            return f"{host}: connection reset", True
+        if isinstance(c, NewConnectionError | ProtocolError):
+            return f"cannot reach {host}: {sanitize(c, 80)}", True
+    return f"cannot reach {host}: {sanitize(type(exc).__name__)}", True
 
 
 class RetryAdapter(HTTPAdapter):
@@ -62,19 +108,21 @@ class RetryAdapter(HTTPAdapter):
     def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
         deadline = time.monotonic() + self.policy.seconds
         attempt = 0
+        host = request.url.split("/")[2] if request.url else "?"
         while True:
             attempt += 1
             try:
                 response = super().send(request, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
+                reason, again = network_problem(exc, host)
                 delay = self.policy.backoff(attempt)
-                if attempt >= self.policy.attempts or time.monotonic() + delay > deadline:
+                if not again or attempt >= self.policy.attempts \
+                        or time.monotonic() + delay > deadline:
                     raise
-                reason = type(exc).__name__
             else:
                 remaining = response.headers.get("ratelimit-remaining")
                 if remaining is not None:
-                    log.info("%s ratelimit-remaining %s", response.url.split("/v2/")[0], remaining)
+                    log.info("%s ratelimit-remaining %s", host, sanitize(remaining, 40))
                 if not retryable_status(response.status_code):
                     return response
                 delay = retry_after(response.headers.get("Retry-After"))
@@ -85,5 +133,6 @@ class RetryAdapter(HTTPAdapter):
                 reason = f"HTTP {response.status_code}"
                 response.close()
             log.warning("%s %s: %s, retrying in %.1fs (attempt %d of %d)", request.method,
-                        request.url, reason, delay, attempt + 1, self.policy.attempts)
+                        sanitize(request.url, 200), reason, delay, attempt + 1,
+                        self.policy.attempts)
             self.sleep(delay)

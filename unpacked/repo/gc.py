@@ -1,18 +1,21 @@
 """Garbage collection: what to delete, and when (the seed left it open; OSG and DUCC agree).
 
 - An image dropped from every recipe loses its public path and metadata after
-  ``gc_image_grace`` days (default 0: at once, as OSG does; nothing else goes with it).
+  ``gc_image_grace`` days (default 0: at once, as OSG does; nothing else goes with it). So
+  does a public path an image was published at before its recipe's ``public_path`` changed.
 - A flat image no kept image and no symlink of the public tree names is deleted ``gc_grace``
   days (default 7) after it lost its last reference; likewise a layer that no kept image,
   no image in its grace period, and no thin image still in use names. Running jobs hold
   paths, so nothing goes at once.
 - An image whose tag is gone upstream (404, or gone from a wildcard's listing) is reported
   and kept, unless ``gc_prune_gone`` asks for it to be removed like a dropped image.
+- A public path that an image still wanted owns is never removed, whatever else names it.
 - At most ``gc_max_deletions`` deletions a run (default 50: deletions inside a CVMFS
   transaction are slow), oldest first; the rest are reported as pending.
 
 When each object lost its last reference is kept in ``cache/gc/``: if the cache is lost, the
-clocks restart, so nothing ever goes sooner than its grace period.
+clocks restart, so nothing ever goes sooner than its grace period. Everything is read and
+deleted through ``repo.fs``: a symlink in the repository is never followed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import fnmatch
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fs import is_temp, remove_tree, write_atomic
-from .layout import Repository, hex_of, read_json
+from ..errors import UnpackedError
+from ..reference import is_digest
+from .fs import Dir, is_temp
+from .layout import FLAT, LAYERS, METADATA, MULTIARCH, Repository, check_rel, hex_of
 
 log = logging.getLogger(__name__)
 DAY = 86400.0
@@ -40,6 +46,7 @@ class Existing:
     config: str
     layers: list[str]
     previous_layers: list[str]
+    previous_publics: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -51,14 +58,17 @@ class Wants:
     wildcards: list[tuple[str, str, str]] = field(default_factory=list)  # registry, repo, glob
     flats: set[str] = field(default_factory=set)              # config digests
     layers: set[str] = field(default_factory=set)
+    publics: dict[str, set[str]] = field(default_factory=dict)   # name -> its public paths
+    platforms: set[str] = field(default_factory=set)          # "<arch>/<name>" wanted
+    frozen: list[str] = field(default_factory=list)           # why no image may go now
     thin_pending: set[str] = field(default_factory=set)       # thin image not pushed as is
     roots: set[str] = field(default_factory=set)              # dot-folders public paths use
 
 
 @dataclass
 class Candidate:
-    kind: str            # image, flat, layer
-    id: str              # image name, or digest
+    kind: str            # image, public, flat, layer
+    id: str              # image name, public path, or digest
     reason: str
     since: float
     due: float
@@ -70,75 +80,113 @@ class Candidate:
 
 
 @dataclass
-class Plan:
+class Collection:
+    """The garbage collection of one repository at one moment."""
+
     repo: str
     due: list[Candidate] = field(default_factory=list)
     pending: list[Candidate] = field(default_factory=list)
     waiting: list[Candidate] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
+    protected: set[str] = field(default_factory=set)     # public paths never removed
+    blocked: str = ""                                     # why no image was unpublished
 
 
-_SCANNED: dict[str, tuple[tuple[int, int], Existing]] = {}
+def _read_image(folder: Dir, name: str) -> Existing | None:
+    try:
+        info = json.loads(folder.read_bytes("image.json") or b"null")
+    except ValueError:
+        return None
+    if not isinstance(info, dict):
+        return None
+    strings = lambda key: [x for x in info.get(key) or [] if isinstance(x, str)]  # noqa: E731
+    public = info.get("public_path")
+    return Existing(name, public if isinstance(public, str) else "",
+                    info.get("config_digest") if is_digest(info.get("config_digest")) else "",
+                    [x for x in strings("layers") if is_digest(x)],
+                    [x for x in strings("previous_layers") if is_digest(x)],
+                    strings("previous_public_paths"))
 
 
-def scan_images(repo: Repository) -> dict[str, Existing]:
-    """Every converted image of the repository, from its metadata (files re-read only when
-    they changed: a run scans several times)."""
+def scan_images(repo: Repository, under: str = "") -> dict[str, Existing]:
+    """Every converted image of the repository, from its metadata: by name (``under``
+    empty), or a multi-platform image's platforms as ``<arch>/<name>`` (``under`` is
+    ``.multiarch``)."""
     found: dict[str, Existing] = {}
-    top = repo.root / ".metadata"
-    if not top.is_dir():
+    base = f"{METADATA}/{under}".rstrip("/")
+    try:
+        root = repo.open()
+    except UnpackedError:
         return found
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = [d for d in dirnames if not is_temp(d)]
-        if "image.json" not in filenames:
-            continue
-        dirnames[:] = []
-        path = os.path.join(dirpath, "image.json")
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        stamp = (st.st_mtime_ns, st.st_ino)
-        cached = _SCANNED.get(path)
-        if cached and cached[0] == stamp:
-            found[cached[1].name] = cached[1]
-            continue
-        info = read_json(Path(path)) or {}
-        name = os.path.relpath(dirpath, top)
-        image = Existing(name, info.get("public_path", ""), info.get("config_digest", ""),
-                         info.get("layers", []), info.get("previous_layers", []))
-        _SCANNED[path] = (stamp, image)
-        found[name] = image
-    return found
-
-
-def linked_flats(repo: Repository, extra_roots: set[str]) -> set[str]:
-    """Config digests of flat images that any symlink of the public tree points at, made by
-    us or not (a repository DUCC wrote, a link an operator made by hand)."""
-    found: set[str] = set()
-    if not repo.root.is_dir():
-        return found
-    tops = [e.name for e in os.scandir(repo.root)
-            if e.is_dir(follow_symlinks=False) and (not e.name.startswith(".")
-                                                    or e.name in extra_roots)]
-    for top in tops:
-        for dirpath, dirnames, filenames in os.walk(repo.root / top):
-            for name in dirnames + filenames:
-                full = os.path.join(dirpath, name)
-                if not os.path.islink(full):
+    with root:
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            try:
+                folder = root.sub(f"{base}/{rel}".rstrip("/"))
+            except (UnpackedError, OSError):
+                continue
+            with folder:
+                if rel and folder.lstat("image.json") is not None:
+                    image = _read_image(folder, rel)
+                    if image is not None:
+                        found[rel] = image
                     continue
-                target = os.path.normpath(os.path.join(dirpath, os.readlink(full)))
-                flat = os.path.relpath(target, repo.root).split(os.sep)
-                if len(flat) >= 2 and flat[0] == ".flat":
-                    found.add("sha256:" + flat[1])
+                for entry in folder.scandir():
+                    if is_temp(entry.name) or not entry.is_dir(follow_symlinks=False) or \
+                            (not rel and not under and entry.name == MULTIARCH):
+                        continue
+                    stack.append(f"{rel}/{entry.name}".lstrip("/"))
     return found
 
 
-def scan_digests(folder: Path) -> list[str]:
-    if not folder.is_dir():
+def _flat_of(link_dir: str, target: str) -> str | None:
+    """The config digest a symlink at ``link_dir`` names through ``.flat/<hex>``, if any."""
+    path = posixpath.normpath(posixpath.join(link_dir, target))
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[0] == FLAT:
+        digest = "sha256:" + parts[1]
+        return digest if is_digest(digest) else None
+    return None
+
+
+def linked(repo: Repository, extra_roots: set[str]) -> tuple[set[str], set[str]]:
+    """Config digests of flat images any symlink of the public tree (and ``.multiarch``)
+    points at, made by us or not (a repository DUCC wrote, a link an operator made), and
+    the public paths holding such symlinks."""
+    flats: set[str] = set()
+    links: set[str] = set()
+    try:
+        root = repo.open()
+    except UnpackedError:
+        return flats, links
+    with root:
+        tops = [e.name for e in root.scandir() if e.is_dir(follow_symlinks=False)
+                and (not e.name.startswith(".") or e.name in extra_roots | {MULTIARCH})]
+        stack = list(tops)
+        while stack:
+            rel = stack.pop()
+            with root.sub(rel) as folder:
+                for entry in folder.scandir():
+                    path = f"{rel}/{entry.name}"
+                    if entry.is_symlink():
+                        digest = _flat_of(rel, folder.readlink(entry.name) or "")
+                        if digest:
+                            flats.add(digest)
+                            links.add(path)
+                    elif entry.is_dir(follow_symlinks=False) and not is_temp(entry.name):
+                        stack.append(path)
+    return flats, links
+
+
+def scan_digests(repo: Repository, area: str) -> list[str]:
+    try:
+        with repo.open_area(area, create=False) as folder:
+            names = folder.names()
+            return sorted("sha256:" + n for n in names
+                          if not is_temp(n) and folder.is_dir(n) and is_digest("sha256:" + n))
+    except FileNotFoundError:
         return []
-    return sorted("sha256:" + e.name for e in os.scandir(folder)
-                  if not is_temp(e.name) and e.is_dir(follow_symlinks=False))
 
 
 class Clocks:
@@ -148,108 +196,151 @@ class Clocks:
         self.path = cache_dir / "gc" / f"{repo}.json"
 
     def load(self) -> dict[str, float]:
-        return read_json(self.path) or {}
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in doc.items() if isinstance(v, int | float)} \
+            if isinstance(doc, dict) else {}
 
     def save(self, clocks: dict[str, float]) -> None:
-        write_atomic(self.path, json.dumps(clocks, sort_keys=True).encode(), 0o600)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(clocks, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
 
 
 def _matches_wildcard(name: str, wildcards) -> bool:
     base, _, tag = name.rpartition(":")
-    for registry, repository, pattern in wildcards:
-        if base == f"{registry}/{repository}" and fnmatch.fnmatchcase(tag, pattern):
-            return True
-    return False
+    return any(base == f"{registry}/{repository}" and fnmatch.fnmatchcase(tag, pattern)
+               for registry, repository, pattern in wildcards)
+
+
+@dataclass
+class Policy:
+    """The knobs of a collection (from the run's settings)."""
+
+    grace: float
+    image_grace: float
+    limit: int
+    prune_gone: bool
+    max_dropped: int | None = None       # None: 10, and never more than a tenth
 
 
 def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float], now: float,
-            grace: float, image_grace: float, limit: int, prune_gone: bool) -> Plan:
+            knobs: Policy, existing: dict[str, Existing] | None = None) -> Collection:
     """What is due, pending and waiting; ``clocks`` is updated in place."""
-    plan = Plan(name)
-    existing = scan_images(repo)
+    result = Collection(name)
+    existing = scan_images(repo) if existing is None else existing
     candidates: list[Candidate] = []
-    kept: list[Existing] = []
 
     def candidate(kind, ident, reason, days, public=""):
-        key = f"{kind}:{ident}"
-        since = clocks.setdefault(key, now)
-        return Candidate(kind, ident, reason, since, since + days * DAY, public)
+        since = clocks.setdefault(f"{kind}:{ident}", now)
+        return Candidate(kind, ident, reason, since, since + max(days, 0.0) * DAY, public)
 
+    kept: list[Existing] = []
+    dropping: list[tuple[Candidate, Existing]] = []
     for image in existing.values():
-        if image.name in wants.names and image.name not in wants.gone:
+        if (image.name in wants.names and image.name not in wants.gone) or wants.frozen:
             kept.append(image)
             continue
         gone = image.name in wants.gone or _matches_wildcard(image.name, wants.wildcards)
-        if gone and not prune_gone:
-            plan.gone.append(image.name)
+        if gone and not knobs.prune_gone:
+            result.gone.append(image.name)
             kept.append(image)
             continue
         why = "gone upstream, pruning asked for" if gone else "dropped from every recipe"
-        c = candidate("image", image.name, why, image_grace, image.public)
-        candidates.append(c)
-        if c.due > now:
-            kept.append(image)        # in its grace period: its flat image and layers stay
-    flats = set(wants.flats) | {i.config for i in kept} | linked_flats(repo, wants.roots)
+        dropping.append((candidate("image", image.name, why, knobs.image_grace, image.public),
+                         image))
+    due_now = [c for c, _ in dropping if c.due <= now]
+    limit = knobs.max_dropped if knobs.max_dropped is not None \
+        else min(10, max(1, len(existing) // 10))
+    if len(due_now) > limit:
+        result.blocked = (f"{len(due_now)} of {len(existing)} published images would be "
+                          f"unpublished at once, more than {limit} (gc_max_dropped): none is; "
+                          "check the recipes, or raise gc_max_dropped")
+    for c, image in dropping:
+        if c.due > now or result.blocked:
+            kept.append(image)        # in its grace period (or held): flat and layers stay
+        if not result.blocked:
+            candidates.append(c)
+    if wants.frozen:
+        result.blocked = "; ".join(wants.frozen)
+    for entry in scan_images(repo, MULTIARCH).values():
+        if entry.name in wants.platforms:
+            kept.append(entry)
+        elif not result.blocked:
+            arch, _, image_name = entry.name.partition("/")
+            c = candidate("platform", entry.name, f"platform {arch} no longer wanted for "
+                          f"{image_name}", knobs.image_grace)
+            candidates.append(c)
+            if c.due > now:
+                kept.append(entry)
+        else:
+            kept.append(entry)
+    flats_linked, _ = linked(repo, wants.roots)
+    pruned = wants.gone if knobs.prune_gone else set()
+    protected = {p for name, paths in wants.publics.items() if name not in pruned
+                 for p in paths} | {i.public for i in kept}
+    for image in kept:
+        for old in image.previous_publics:
+            if old not in protected and repo.link_target(old) is not None:
+                candidates.append(candidate("public", old, f"{image.name} moved to "
+                                            f"{image.public}", knobs.image_grace))
+    flats = set(wants.flats) | {i.config for i in kept} | flats_linked
     layers = set(wants.layers)
     for image in kept:
         layers.update(image.layers)
         if image.name in wants.thin_pending:
             layers.update(image.previous_layers)   # the thin image in the registry names them
-    for digest in scan_digests(repo.root / ".flat"):
+    for digest in scan_digests(repo, FLAT):
         if digest not in flats:
-            candidates.append(candidate("flat", digest, "no image names it", grace))
-    for digest in scan_digests(repo.root / ".layers"):
+            candidates.append(candidate("flat", digest, "no image names it", knobs.grace))
+    for digest in scan_digests(repo, LAYERS):
         if digest not in layers:
-            candidates.append(candidate("layer", digest, "no kept image uses it", grace))
+            candidates.append(candidate("layer", digest, "no kept image uses it", knobs.grace))
+    result.protected = protected
     live = {c.key for c in candidates}
     for key in [k for k in clocks if k not in live]:
         del clocks[key]                   # referenced again (or gone): its clock restarts
     due = sorted((c for c in candidates if c.due <= now), key=lambda c: (c.since, c.key))
-    plan.due, plan.pending = due[:limit], due[limit:]
-    plan.waiting = sorted((c for c in candidates if c.due > now), key=lambda c: c.due)
-    return plan
+    result.due, result.pending = due[:knobs.limit], due[knobs.limit:]
+    result.waiting = sorted((c for c in candidates if c.due > now), key=lambda c: c.due)
+    return result
 
 
-def delete(repo: Repository, c: Candidate) -> None:
-    """Delete one object inside the open transaction; never follows a symlink out."""
-    if c.kind == "image":
-        if c.public:
-            link = repo.public(c.public)
-            if os.path.islink(link):
-                if repo.guard:
-                    repo.guard(link)
-                if os.path.lexists(link):
-                    os.unlink(link)
-                _prune_parents(repo.root, link.parent)
-        target = repo.metadata_dir(c.id)
-        _prune_parents(repo.root / ".metadata", _remove(repo, target).parent)
+def delete(repo: Repository, c: Candidate, protected: set[str]) -> None:
+    """Delete one object inside the open transaction; never follows a symlink out, never
+    removes a public path a wanted image owns."""
+    if c.kind == "platform":
+        link = f"{MULTIARCH}/{c.id}"
+        target = repo.link_target(link)
+        if target is not None and link not in protected:
+            repo.unlink_public(link, expected=target)
+        rel = repo.metadata_rel(f"{MULTIARCH}/{c.id}")
+        repo.delete(rel)
+        repo.prune_empty(posixpath.dirname(rel))
+    elif c.kind in ("image", "public"):
+        public = c.public if c.kind == "image" else c.id
+        if public and public not in protected:
+            check_rel(public)
+            target = repo.link_target(public)
+            if target is not None and _flat_of(posixpath.dirname(public), target):
+                repo.unlink_public(public, expected=target)
+        if c.kind == "image":
+            rel = repo.metadata_rel(c.id)
+            repo.delete(rel)
+            repo.prune_empty(posixpath.dirname(rel))
     elif c.kind == "flat":
-        _remove(repo, repo.flat_dir(c.id))
+        repo.delete(f"{FLAT}/{hex_of(c.id)}")
     else:
-        _remove(repo, repo.layer_dir(c.id))
-
-
-def _remove(repo: Repository, path: Path) -> Path:
-    if os.path.lexists(path):
-        if repo.guard:
-            repo.guard(path)          # local publisher: moved aside, gone at publish
-        remove_tree(path)
-    return path
-
-
-def _prune_parents(stop: Path, folder: Path) -> None:
-    """Remove folders left empty, up to (not including) ``stop``."""
-    stop = stop.resolve()
-    while folder.resolve() != stop and stop in folder.resolve().parents:
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
-        folder = folder.parent
+        repo.delete(f"{LAYERS}/{hex_of(c.id)}")
 
 
 def describe(c: Candidate, now: float) -> str:
-    what = {"image": "image", "flat": "flat image", "layer": "layer"}[c.kind]
-    ident = c.id if c.kind == "image" else hex_of(c.id)
-    age = (now - c.since) / DAY
+    what = {"image": "image", "public": "public path", "platform": "platform",
+            "flat": "flat image", "layer": "layer"}[c.kind]
+    ident = hex_of(c.id) if c.kind in ("flat", "layer") else c.id
+    age = max(now - c.since, 0.0) / DAY
     return f"{what} {ident}: {c.reason} for {age:.1f} days"

@@ -1,24 +1,32 @@
 """Publishers: one CVMFS transaction per run, behind one small interface.
 
-``CvmfsPublisher`` drives ``cvmfs_server transaction / publish / abort -f``. ``LocalPublisher``
-keeps the same semantics for a plain folder: a journal of the open transaction, abort puts
-back what the run replaced and removes what it added, publish records a revision and time.
-A marker in ``cache/`` says that *we* opened a transaction, so a crashed run's transaction is
-aborted at the next start while one held by another program is reported, never stolen.
+``CvmfsPublisher`` drives ``cvmfs_server transaction / publish / abort -f``; its marker in the
+repository's spool folder is written *before* the transaction is asked for, so a crash at any
+moment leaves a transaction the next run knows as its own (and aborts), while one opened by
+another program is reported and never touched. ``LocalPublisher`` gives a plain folder the
+same semantics with a write-ahead journal (``journal.py``).
+
+Publish and abort run with SIGINT/SIGTERM deferred and ``cvmfs_server`` in its own session:
+an impatient Ctrl-C or a cron timeout never cuts a publish in half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
-from ..errors import UnpackedError
-from .fs import remove_tree, write_atomic
-from .layout import Repository
+from ..errors import Busy, UnpackedError, sanitize
+from . import crash
+from .journal import Journal
+from .layout import STATE, Repository, Writer
+from .lock import Lock
 
 log = logging.getLogger(__name__)
 
@@ -27,176 +35,128 @@ class TransactionError(UnpackedError):
     """A transaction could not be opened, published or aborted."""
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT/SIGTERM arriving inside the block are delivered when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 class Publisher:
-    """One repository's transaction; state lives on disk so any process of a run can use it."""
+    """One repository's transaction; its state lives on disk so any process of a run can
+    use it."""
 
     kind = "base"
 
-    def __init__(self, name: str, root: Path, cache_dir: Path):
+    def __init__(self, name: str, root: Path):
         self.name = name
         self.root = root
-        self.leftovers: list[str] = []     # what the last publish could not clean up
-        self.marker = cache_dir / "transactions" / f"{name}.json"
 
-    # -- the interface ------------------------------------------------------------------------
+    def repository(self) -> Repository:
+        raise NotImplementedError
+
+    def lock(self) -> Lock:
+        raise NotImplementedError
 
     def is_open(self) -> bool:
-        return self.marker.exists()
+        raise NotImplementedError
+
+    def check(self, path: str) -> None:
+        """The guard of every write under the root: only inside our open transaction."""
+        if not self.is_open():
+            raise TransactionError(f"{self.name}: no open transaction; {path} not written")
 
     def begin(self) -> None:
         """Open the transaction unless this run already has (idempotent within a run)."""
+        raise NotImplementedError
+
+    def publish(self, message: str) -> list[str]:
+        """Publish; returns what could not be cleaned up (reported, retried later)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def recover(self) -> str | None:
+        """At the start of a run (its locks held): deal with what a crashed run left."""
+        raise NotImplementedError
+
+    def revision(self) -> int:
+        return 0
+
+
+class LocalPublisher(Publisher):
+    """A plain folder with transaction semantics (write-ahead journal, abort, revision)."""
+
+    kind = "local"
+
+    def __init__(self, name: str, root: Path):
+        super().__init__(name, root)
+        self.journal = Journal(root)
+
+    def repository(self) -> Repository:
+        return Repository(self.root, catalogs=False, writer=self.journal.writer(self.check))
+
+    def lock(self) -> Lock:
+        return Lock(self.root / STATE / "lock", f"repository {self.name}")
+
+    def is_open(self) -> bool:
+        return self.journal.is_open()
+
+    def begin(self) -> None:
         if self.is_open():
             return
-        self._open()
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.marker, json.dumps({"pid": os.getpid(), "started": time.time(),
-                                              "repository": self.name}).encode(), 0o600)
+        self.journal.open()
         log.info("%s: transaction opened", self.name)
 
-    def publish(self, message: str) -> None:
+    def publish(self, message: str) -> list[str]:
         if not self.is_open():
-            return
-        self._publish(message)
-        self.marker.unlink(missing_ok=True)
+            return []
+        with signals_deferred():
+            txn = self.journal.txn()
+            if txn and self.journal.published().get("txn") == txn:
+                leftovers = self.journal.finish()          # already recorded: clean up
+            else:
+                leftovers = self.journal.publish(message)
+        for line in leftovers:
+            log.error("%s: %s", self.name, line)
         log.info("%s: published (%s)", self.name, message)
+        return leftovers
 
     def abort(self) -> None:
         if not self.is_open():
             return
-        self._abort()
-        self.marker.unlink(missing_ok=True)
+        with signals_deferred():
+            self.journal.abort(self._clean)
         log.warning("%s: transaction aborted", self.name)
 
-    def recover(self) -> bool:
-        """At the start of a run (the run lock held): abort what a crashed run left open."""
-        if self.is_open():
-            try:
-                who = json.loads(self.marker.read_text()).get("pid")
-            except (OSError, ValueError):
-                who = "?"
-            log.warning("%s: aborting the transaction left open by an interrupted run (pid %s)",
-                        self.name, who)
-            self.abort()
-            return True
-        self._check_foreign()
-        return False
+    def _clean(self) -> None:
+        self.repository().clean_temps()
 
-    def repository(self) -> Repository:
-        raise NotImplementedError
-
-    # -- what each kind does ------------------------------------------------------------------
-
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _publish(self, message: str) -> None:
-        raise NotImplementedError
-
-    def _abort(self) -> None:
-        raise NotImplementedError
-
-    def _check_foreign(self) -> None:
-        """Raise if somebody else holds a transaction on this repository."""
-
-    def before_replace(self, final: Path) -> None:
-        """Called before anything is put at ``final`` inside the repository."""
-
-
-class LocalPublisher(Publisher):
-    """A plain folder with transaction semantics (journal, abort, revision)."""
-
-    kind = "local"
-
-    def __init__(self, name: str, root: Path, cache_dir: Path):
-        super().__init__(name, root, cache_dir)
-        self.meta = root / ".unpacked"
-        self.journal = self.meta / "journal.jsonl"
-        self.backups = self.meta / "backup"
-
-    def repository(self) -> Repository:
-        return Repository(self.root, catalogs=False, guard=self.before_replace)
-
-    def is_open(self) -> bool:
-        # a journal without its marker: a crashed run whose cache/ was lost since
-        return super().is_open() or self.journal.exists()
-
-    def _open(self) -> None:
-        self.backups.mkdir(parents=True, exist_ok=True)
-        self.journal.touch()
-
-    def before_replace(self, final: Path) -> None:
-        if not self.is_open():
-            raise TransactionError(f"{self.name}: write to {final} outside a transaction")
-        entry: dict = {"path": str(final), "backup": None}
-        if os.path.lexists(final):
-            backup = self.backups / f"{time.time_ns()}-{os.getpid()}-{final.name}"
-            os.rename(final, backup)
-            entry["backup"] = str(backup)
-        line = (json.dumps(entry) + "\n").encode()
-        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _entries(self) -> list[dict]:
-        try:
-            lines = self.journal.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        entries = []
-        for line in lines:
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue        # a line cut by a crash: its rename had not happened yet
-        return entries
-
-    def _publish(self, message: str) -> None:
-        self.leftovers = self._drop_backups()
-        self.journal.unlink(missing_ok=True)
-        state = self.meta / "published.json"
-        try:
-            revision = json.loads(state.read_text()).get("revision", 0)
-        except (OSError, ValueError):
-            revision = 0
-        write_atomic(state, json.dumps({"revision": revision + 1, "time": time.time(),
-                                        "message": message}).encode())
-
-    def _drop_backups(self) -> list[str]:
-        """What the transaction replaced or deleted goes now; what resists is reported and
-        stays in ``.unpacked/backup`` for the next publish to retry."""
-        leftovers = []
-        if not self.backups.is_dir():
-            return leftovers
-        for entry in os.scandir(self.backups):
-            try:
-                remove_tree(Path(entry.path))
-            except OSError as exc:
-                leftovers.append(f"could not delete {entry.path}: {exc.strerror or exc}")
-                log.error("%s: %s", self.name, leftovers[-1])
-        return leftovers
-
-    def _abort(self) -> None:
-        for entry in reversed(self._entries()):
-            final = Path(entry["path"])
-            remove_tree(final)
-            if entry.get("backup") and os.path.lexists(entry["backup"]):
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(entry["backup"], final)
-        self._drop_backups()
-        self.journal.unlink(missing_ok=True)
-        self.clean()
-
-    def clean(self) -> None:
-        Repository(self.root).clean_temps()
+    def recover(self) -> str | None:
+        if self.journal.is_open():
+            log.warning("%s: aborting the transaction left open by an interrupted run (or "
+                        "finishing its recorded publish)", self.name)
+        with signals_deferred():
+            done = self.journal.recover(self._clean)
+        if done == "finished":
+            log.warning("%s: finished the publish an interrupted run had recorded", self.name)
+        return done
 
     def revision(self) -> int:
-        try:
-            return json.loads((self.meta / "published.json").read_text()).get("revision", 0)
-        except (OSError, ValueError):
-            return 0
+        return self.journal.revision()
 
 
 class CvmfsPublisher(Publisher):
@@ -204,55 +164,124 @@ class CvmfsPublisher(Publisher):
 
     kind = "cvmfs"
 
-    def __init__(self, name: str, root: Path, cache_dir: Path, command: str = "cvmfs_server",
+    def __init__(self, name: str, root: Path, command: str = "cvmfs_server",
                  spool: Path = Path("/var/spool/cvmfs")):
-        super().__init__(name, root, cache_dir)
+        super().__init__(name, root)
         self.command = command
-        self.spool = spool
+        self.spool = spool / name
+        self.marker = self.spool / "unpacked-transaction.json"
 
     def repository(self) -> Repository:
-        return Repository(self.root, catalogs=True, guard=self.before_replace)
+        return Repository(self.root, catalogs=True, writer=Writer(self.check))
+
+    def lock(self) -> Lock:
+        if not self.spool.is_dir():
+            raise UnpackedError(f"{self.name} is not a CVMFS repository of this machine (no "
+                                f"{self.spool}); create it with cvmfs_server mkfs")
+        return Lock(self.spool / "unpacked.lock", f"repository {self.name}")
+
+    def _state(self) -> str | None:
+        try:
+            return json.loads(self.marker.read_text()).get("state")
+        except (OSError, ValueError, AttributeError):
+            return "open" if self.marker.exists() else None
+
+    def _mark(self, state: str | None) -> None:
+        if state is None:
+            self.marker.unlink(missing_ok=True)
+            return
+        tmp = self.marker.with_name(f".{self.marker.name}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({"state": state, "pid": os.getpid(), "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.marker)
+
+    def is_open(self) -> bool:
+        return self._state() == "open"
 
     def _run(self, *args: str) -> None:
         argv = [self.command, *args]
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=6 * 3600)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=6 * 3600,
+                                  start_new_session=True)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise TransactionError(f"{' '.join(argv)}: {exc}") from None
+            raise TransactionError(f"{' '.join(argv)}: {sanitize(exc)}") from None
         if done.returncode != 0:
             said = (done.stderr.strip() or done.stdout.strip()).splitlines()
             raise TransactionError(f"{' '.join(argv)} failed ({done.returncode}): "
-                                   f"{said[-1] if said else 'no message'}")
+                                   f"{sanitize(said[-1]) if said else 'no message'}")
 
-    def _open(self) -> None:
-        self._run("transaction", self.name)
+    def _foreign(self) -> bool:
+        return (self.spool / "in_transaction.lock").exists()
 
-    def _publish(self, message: str) -> None:
-        try:
-            self._run("publish", "-m", message, self.name)
-        except TransactionError:
-            log.error("%s: publish failed, aborting the transaction", self.name)
-            self._run("abort", "-f", self.name)
-            raise
+    def begin(self) -> None:
+        if self.is_open():
+            return
+        with signals_deferred():
+            self._mark("opening")                 # ours from this moment, whatever happens
+            crash.point("cvmfs: marked opening")
+            try:
+                self._run("transaction", self.name)
+            except TransactionError:
+                if not self._foreign():
+                    self._mark(None)
+                raise
+            crash.point("cvmfs: transaction opened")
+            self._mark("open")
+        log.info("%s: transaction opened", self.name)
 
-    def _abort(self) -> None:
-        self._run("abort", "-f", self.name)
-
-    def _check_foreign(self) -> None:
-        lock = self.spool / self.name / "in_transaction.lock"
-        if lock.exists():
-            raise TransactionError(f"{self.name} is in a transaction that this tool did not "
-                                   f"open ({lock} exists); not touching it")
-
-    def before_replace(self, final: Path) -> None:
+    def publish(self, message: str) -> list[str]:
         if not self.is_open():
-            raise TransactionError(f"{self.name}: write to {final} outside a transaction")
+            return []
+        with signals_deferred():
+            self._mark("publishing")
+            crash.point("cvmfs: marked publishing")
+            try:
+                self._run("publish", "-m", message, self.name)
+            except TransactionError as failed:
+                log.error("%s: publish failed, aborting the transaction", self.name)
+                try:
+                    self._run("abort", "-f", self.name)
+                except TransactionError as also:
+                    self._mark("open")            # still ours: the next run aborts it
+                    raise TransactionError(f"{failed}; abort failed too: {also}") from None
+                self._mark(None)
+                raise
+            crash.point("cvmfs: published")
+            self._mark(None)
+        log.info("%s: published (%s)", self.name, message)
+        return []
+
+    def abort(self) -> None:
+        if self._state() is None:
+            return
+        with signals_deferred():
+            if self._foreign():
+                self._run("abort", "-f", self.name)
+            crash.point("cvmfs: aborted")
+            self._mark(None)
+        log.warning("%s: transaction aborted", self.name)
+
+    def recover(self) -> str | None:
+        state = self._state()
+        if state is not None:
+            if state == "publishing" and not self._foreign():
+                self._mark(None)                  # the publish went through
+                return "finished"
+            log.warning("%s: aborting the transaction left open by an interrupted run",
+                        self.name)
+            self.abort()
+            return "aborted"
+        if self._foreign():
+            raise Busy(f"{self.name} is in a transaction that this tool did not open "
+                       f"({self.spool / 'in_transaction.lock'} exists); not touching it")
+        return None
 
 
 def make(name: str, settings) -> Publisher:
     """The publisher the settings ask for, for repository ``name``."""
     root = settings.repo_root / name
     if settings.publisher == "cvmfs":
-        return CvmfsPublisher(name, root, settings.cache_dir, settings.cvmfs_server,
-                              settings.cvmfs_spool)
-    return LocalPublisher(name, root, settings.cache_dir)
+        return CvmfsPublisher(name, root, settings.cvmfs_server, settings.cvmfs_spool)
+    return LocalPublisher(name, root)

@@ -10,11 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import unique
-from images import Entry, Layout, skopeo_copy, tar_bytes
+from helpers import unique
+from helpers.images import Entry, Layout, skopeo_copy, tar_bytes
 
 from unpacked import reference
 from unpacked.image import convert, sandbox
+from unpacked.registry.documents import ImageConfig
+from unpacked.repo.fs import Dir
 from unpacked.repo.layout import Repository
 
 TRICKY_ENV = ["PATH=/opt/my bin:/usr/bin:/bin", "DOLLAR=$HOME and ${X:-y}",
@@ -73,9 +75,10 @@ def test_layout_of_the_sandbox(tmp_path):
     os.symlink(str(outside), root / "tmp")          # the image's /tmp points elsewhere
     (root / "etc").mkdir()
     (root / "etc/hosts").write_text("image hosts")
-    cfg = {"config": {"Env": ["A=1"], "Cmd": ["/bin/sh"], "Labels": {"org.x": "y"},
-                      "WorkingDir": "/work", "User": "1000"}}
-    sandbox.write(root, cfg)
+    cfg = ImageConfig("linux", "amd64", "", (), env=("A=1",), cmd=("/bin/sh",),
+                      labels={"org.x": "y"}, working_dir="/work", user="1000")
+    with Dir.root(root) as folder:
+        sandbox.write(folder, cfg)
     for rel in sandbox.DIRS:
         if rel != "tmp":
             assert (root / rel).is_dir() and not (root / rel).is_symlink(), rel
@@ -109,12 +112,12 @@ def test_runs_in_a_chroot_of_the_flat_tree(registry, tmp_path, make_client, book
     skopeo_copy(layout.path, "v1", f"{registry.host}/{repo_name}:v1")
     ref = reference.parse(f"http://{registry.host}/{repo_name}:v1")
     client = make_client()
-    resolved = client.resolve(ref, "linux/amd64")
+    image = client.resolve(ref, ("linux/amd64",)).images[0]
     repo = Repository(tmp_path / "cvmfs")
-    for layer in resolved.layers:
-        convert.ingest_layer(client, ref, layer, repo)
-    convert.build_flat(repo, resolved, "hardlink")
-    flat = repo.flat_dir(resolved.config_digest)
+    for layer in image.layers:
+        convert.ingest_layer(client, [(ref, layer)], repo)
+    convert.build_flat(repo, ref.name, image, "hardlink")
+    flat = repo.flat_dir(image.config_digest)
 
     def chroot(*args):
         return subprocess.run([shutil.which("chroot"), str(flat), *args], capture_output=True,

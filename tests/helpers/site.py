@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-STANDIN = Path(__file__).resolve().parent / "bin" / "cvmfs_server"
+PROJECT = Path(__file__).resolve().parents[2]
+STANDIN = Path(__file__).resolve().parents[1] / "bin" / "cvmfs_server"
 
 
 class Site:
@@ -72,7 +72,9 @@ class Site:
         return json.loads(path.read_text())["revision"] if path.exists() else 0
 
     def transaction_open(self) -> bool:
-        return (self.cache / "transactions" / f"{self.repo}.json").exists()
+        if self.publisher == "cvmfs":
+            return (self.state / "spool" / self.repo / "unpacked-transaction.json").exists()
+        return (self.repo_root / ".unpacked" / "journal").exists()
 
     def close(self) -> None:
         if self.publisher == "cvmfs":

@@ -13,10 +13,11 @@ import tarfile
 
 import pytest
 import zstandard
-from images import Entry, tar_bytes
+from helpers.images import Entry, tar_bytes
 
 from unpacked.image import ingest as layers
-from unpacked.image.ingest import LayerError
+from unpacked.image.ingest import Claims, LayerError
+from unpacked.repo.layout import Repository
 
 
 def sha(data: bytes) -> str:
@@ -44,8 +45,8 @@ def run(site, raw: bytes, *, how="gzip", diff_id=None, media=None, max_bytes=1 <
                       "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
                       "tar": "application/vnd.oci.image.layer.v1.tar"}[how]
     dest = root / ".layers" / sha(data)[7:]
-    info = layers.ingest(io.BytesIO(data), dest, digest=sha(data), diff_id=diff_id or sha(raw),
-                         media_type=media, size=len(data), max_bytes=max_bytes)
+    claims = Claims(sha(data), (diff_id or sha(raw),), media, len(data))
+    info = layers.ingest(io.BytesIO(data), Repository(root), claims, max_bytes=max_bytes)
     return dest, info
 
 
@@ -74,7 +75,7 @@ HOSTILE = [
      "'h'", "outside the layer"),
     ("hardlink through symlink", lambda o: [Entry("s", kind="symlink", link=str(o)),
                                             Entry("h", kind="hardlink", link="s/canary")],
-     None, None),
+     "'h'", "through 's'"),
     ("whiteout with empty name", lambda o: [Entry("dir/.wh.", b"")], "'dir/.wh.'",
      "empty name"),
     ("root becomes a file", lambda o: [Entry("./", b"x")], "'./'", "root folder"),
@@ -282,20 +283,20 @@ def test_foreign_layer_needs_the_setting(tmp_path):
         url = f"http://127.0.0.1:{server.server_port}/layer.tar.gz"
         layer = Layer(sha(data), len(data),
                       "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", sha(raw),
-                      [url])
+                      (url,))
         ref = reference.parse("http://127.0.0.1:1/never/contacted:1")
         repo = Repository(tmp_path / "repo")
         client = RegistryClient(None)
         with pytest.raises(UnpackedError) as exc:
-            convert.ingest_layer(client, ref, layer, repo)
+            convert.ingest_layer(client, [(ref, layer)], repo)
         assert "foreign layer" in str(exc.value) and "foreign_layers=1" in str(exc.value)
         assert url in str(exc.value)
-        convert.ingest_layer(client, ref, layer, repo, foreign=True)
+        convert.ingest_layer(client, [(ref, layer)], repo, foreign=True)
         assert (repo.layerfs(layer.digest) / "Windows/foreign.txt").read_bytes() == \
             b"from elsewhere"
-        bad = Layer("sha256:" + "0" * 64, len(data), layer.media_type, sha(raw), [url])
+        bad = Layer("sha256:" + "0" * 64, len(data), layer.media_type, sha(raw), (url,))
         with pytest.raises(UnpackedError, match="hashes to"):
-            convert.ingest_layer(client, ref, bad, repo, foreign=True)
+            convert.ingest_layer(client, [(ref, bad)], repo, foreign=True)
         assert not repo.layer_dir(bad.digest).exists()
     finally:
         server.shutdown()

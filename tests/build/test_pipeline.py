@@ -9,13 +9,10 @@ import signal
 import time
 
 import pytest
-from conftest import unique
-from images import Entry, skopeo_copy, tar_bytes
-from site_helper import Site
-
-BASE = [Entry("etc/os-release", b"NAME=test\n"), Entry("usr/bin/tool", b"#!/bin/sh\n",
-                                                       mode=0o755),
-        Entry("usr/share/doc/readme", b"doc"), Entry("var/cache/junk", b"junk")]
+from helpers import unique
+from helpers.images import Entry, skopeo_copy, tar_bytes
+from helpers.pipeline import push, run_interrupted_later, start_slow, temps
+from helpers.site import Site
 
 
 @pytest.fixture
@@ -23,12 +20,6 @@ def site(tmp_path):
     s = Site(tmp_path / "site")
     yield s
     s.close()
-
-
-def push(registry, layout, repo: str, tag: str, own: list[Entry], base=BASE, **config):
-    img = layout.image(tag, [tar_bytes(base), tar_bytes(own)], config=config or None)
-    skopeo_copy(layout.path, tag, f"{registry.host}/{repo}:{tag}")
-    return img
 
 
 def three_images(registry, layout):
@@ -135,32 +126,6 @@ def test_missing_image_and_corrupt_layer_stay_local(registry, layout, site, prox
     assert done.returncode == 1 and "1 added" in done.stdout and "1 failed" in done.stdout
 
 
-def _wait_for(predicate, seconds=60):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _temps(site):
-    layers = site.repo_root / ".layers"
-    return [n for n in os.listdir(layers) if n.startswith(".")] if layers.exists() else []
-
-
-def start_slow(registry, layout, site, proxy, repo: str, size: int, delay: float,
-               also: tuple[str, ...] = ()):
-    """Start a run whose image has a big layer served slowly; return once its ingest is
-    under way (``also``: more inputs of the recipe, listed first)."""
-    img = push(registry, layout, repo, "v1", [Entry("big", os.urandom(size))])
-    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=delay)
-    site.recipe([*also, f"http://{proxy.host}/{repo}:v1"])
-    run = site.start()
-    assert _wait_for(lambda: _temps(site)), "the ingest never started"
-    return img, run
-
-
 def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
     repo = unique("killed")
     img, run = start_slow(registry, layout, site, proxy, repo, 3 << 20, 0.05)
@@ -173,7 +138,7 @@ def test_kill_9_mid_ingest_then_recover(registry, layout, site, proxy):
     done = site.doit()
     assert done.returncode == 0, done.stderr
     assert "aborting the transaction left open" in done.stderr
-    assert _temps(site) == []
+    assert temps(site) == []
     assert not [p for p in (site.repo_root / ".flat").iterdir() if p.name.startswith(".")]
     public = site.repo_root / proxy.host / f"{repo}:v1"
     assert (public / "big").stat().st_size == 3 << 20
@@ -266,20 +231,6 @@ def test_malformed_recipe_is_one_line(site):
         assert done.returncode == 3
         assert "bad.yaml:3: inptu: unknown key (did you mean 'input'?)" in done.stderr
         assert "Traceback" not in done.stderr
-
-
-def run_interrupted_later(registry, layout, site, proxy, snapshot):
-    """Convert one image, then start a run that adds a slow second one and wait until its
-    ingest is under way; returns ``snapshot()`` of the first state and the running doit."""
-    first = unique("first")
-    push(registry, layout, first, "v1", [Entry("a", b"a")])
-    site.recipe([f"http://{proxy.host}/{first}:v1"])
-    assert site.doit().returncode == 0
-    before = snapshot()
-    _, run = start_slow(registry, layout, site, proxy, unique("term"), 2 << 20, 0.05,
-                        also=(f"http://{proxy.host}/{first}:v1",))
-    time.sleep(0.3)
-    return before, run
 
 
 def test_sigterm_aborts_local_transaction(registry, layout, site, proxy):

@@ -15,6 +15,8 @@ SANDBOX_FILES = {".singularity.d", "etc/hosts", "etc/resolv.conf", *sandbox.LINK
 
 def umoci_rootfs(host: str, repo: str, tag: str, work: Path) -> Path:
     """Fetch with skopeo and unpack with umoci: the independent reference result."""
+    from helpers import need
+    need("umoci", "skopeo")
     layout, bundle = work / "oci", work / "bundle"
     work.mkdir(parents=True, exist_ok=True)
     for cmd in (["skopeo", "copy", "--quiet", "--src-tls-verify=false",

@@ -7,10 +7,10 @@ import os
 import signal
 
 import pytest
-from conftest import unique
-from images import Entry
-from site_helper import Site
-from test_pipeline import push, run_interrupted_later, start_slow
+from helpers import unique
+from helpers.images import Entry
+from helpers.pipeline import push, run_interrupted_later, start_slow
+from helpers.site import Site
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
 """The resolve step: wildcards, cached state, HEAD-only re-resolves, local failures."""
 
-from conftest import push_simple, unique
+from helpers import push_simple, unique
 
 from unpacked import recipe
-from unpacked.build.refresh import Resolver, expand, match_tags
+from unpacked.build.refresh import Refresher, expand, match_tags
 from unpacked.build.state import State
+
+
+def AMD64(recipe):            # noqa: N802 - the platforms every recipe asks for here
+    return ("linux/amd64",)
 
 
 def make_recipe(tmp_path, host, images):
@@ -29,8 +33,8 @@ def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client,
     push_simple(registry, layout, other)
     recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:1.*", f"{other}:v1", f"{other}:gone"])
     state = State(tmp_path / "cache")
-    resolver = Resolver(make_client(), state, "linux/amd64", per_registry=2)
-    outcomes, problems = resolver.run(recipes)
+    resolver = Refresher(make_client(), state, per_registry=2)
+    outcomes, problems = resolver.run(recipes, AMD64)
     assert problems == []
     by_name = {o.wanted.name: o for o in outcomes}
     assert sorted(by_name) == sorted([f"{proxy.host}/{repo}:1.0", f"{proxy.host}/{repo}:1.1",
@@ -41,9 +45,9 @@ def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client,
     assert state.failure(f"{proxy.host}/{other}:gone") == gone.error
 
     # Offline expansion sees the expanded tags; a second resolve costs one HEAD per image.
-    assert len(expand(recipes, state)) == 4
+    assert len(expand(recipes, state, AMD64)) == 4
     proxy.clear()
-    outcomes, _ = Resolver(make_client(), state, "linux/amd64").run(recipes)
+    outcomes, _ = Refresher(make_client(), state).run(recipes, AMD64)
     assert not any(o.changed for o in outcomes)
     assert proxy.count("GET", "/manifests/") == 1     # only the missing tag, for its reason
     assert proxy.count("GET", "/blobs/") == 0
@@ -57,8 +61,8 @@ def test_wildcard_listing_failure_keeps_last_expansion(tmp_path, registry, layou
     push_simple(registry, layout, repo, "1.0")
     recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:1.*"])
     state = State(tmp_path / "cache")
-    Resolver(make_client(), state, "linux/amd64").run(recipes)
+    Refresher(make_client(), state).run(recipes, AMD64)
     proxy.add("/tags/list", "status", status=403, times=9)
-    outcomes, problems = Resolver(make_client(), state, "linux/amd64").run(recipes)
+    outcomes, problems = Refresher(make_client(), state).run(recipes, AMD64)
     assert [o.wanted.ref.tag for o in outcomes] == ["1.0"]
     assert len(problems) == 1 and "403" in problems[0] and "r.yaml:4" in problems[0]

@@ -7,15 +7,15 @@ import subprocess
 import tarfile
 
 import pytest
-from conftest import unique
-from faults import FaultProxy
-from images import Entry, tar_bytes
-from registry import PASSWORD, USER
-from site_helper import Site
-from test_pipeline import push
+from helpers import unique
+from helpers.faults import FaultProxy
+from helpers.images import Entry, tar_bytes
+from helpers.pipeline import push
+from helpers.registry import PASSWORD, USER
+from helpers.site import Site
 
 from unpacked.image import thin
-from unpacked.registry.resolved import Layer, Resolved
+from unpacked.registry.resolved import Layer, PlatformImage
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +141,9 @@ def test_wildcard_pushes_one_thin_image_per_tag(registry, layout, site, out_prox
 def test_same_input_same_bytes():
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"]},
                          "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]}})
-    resolved = Resolved("r/x:1", "sha256:" + "a" * 64, "sha256:" + "a" * 64, "m", b"{}",
-                        "sha256:" + "b" * 64, config.encode(),
-                        [Layer("sha256:" + "c" * 64, 10, "t", "sha256:" + "1" * 64)],
-                        "linux/amd64", 0)
+    resolved = PlatformImage("linux/amd64", "sha256:" + "a" * 64, "m", b"{}",
+                             "sha256:" + "b" * 64, config.encode(),
+                             [Layer("sha256:" + "c" * 64, 10, "t", "sha256:" + "1" * 64)])
     one = thin.build("https://r/x:1", "repo.cern.ch", resolved)
     two = thin.build("https://r/x:1", "repo.cern.ch", resolved)
     assert (one.manifest, one.config, one.layer) == (two.manifest, two.config, two.layer)
@@ -155,16 +154,15 @@ def test_same_input_same_bytes():
 
 
 def test_push_with_token_auth_and_cross_repo_mount(token_registry, make_client):
-    from conftest import creds_for
+    from helpers import creds_for
 
     from unpacked import reference
     client = make_client(creds_for(token_registry.host))
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-    resolved = Resolved("r/x:1", "sha256:" + "a" * 64, "sha256:" + "a" * 64, "m", b"{}",
-                        "sha256:" + "b" * 64, config,
-                        [Layer("sha256:" + "c" * 64, 10, "t", "sha256:" + "1" * 64)],
-                        "linux/amd64", 0)
+    resolved = PlatformImage("linux/amd64", "sha256:" + "a" * 64, "m", b"{}",
+                             "sha256:" + "b" * 64, config,
+                             [Layer("sha256:" + "c" * 64, 10, "t", "sha256:" + "1" * 64)])
     image = thin.build("https://r/x:1", "repo.cern.ch", resolved)
     first = reference.parse(f"http://{token_registry.host}/thin/one:1")
     assert thin.push(client, first, image) == {"layer": "uploaded", "config": "uploaded"}

@@ -41,7 +41,7 @@ def test_public_path_key_gives_seed_layout(tmp_path):
 
 
 def test_default_recipe_of_the_project_is_valid():
-    [r] = recipe.load(Path(__file__).parent.parent / "recipes")
+    [r] = recipe.load(Path(__file__).parents[2] / "recipes")
     assert [i.ref.repository for i in r.inputs] == ["library/fedora", "library/debian"]
     assert r.output_format is None
 

@@ -8,12 +8,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import unique
-from images import Entry, Layout, skopeo_copy, tar_bytes
-from oracle import differences, link_groups, umoci_rootfs
+from helpers import unique
+from helpers.images import Entry, Layout, skopeo_copy, tar_bytes
+from helpers.oracle import differences, link_groups, umoci_rootfs
 
 from unpacked import reference
 from unpacked.image import convert, flatten
+from unpacked.repo.fs import Dir
 from unpacked.repo.layout import Repository
 
 LONG = "deep/" + "x" * 120 + "/" + "y" * 140
@@ -51,12 +52,12 @@ TRICKY = [
 
 
 def convert_local(client, ref, repo: Repository, mode: str):
-    resolved = client.resolve(ref, "linux/amd64")
-    for layer in resolved.layers:
+    image = client.resolve(ref, ("linux/amd64",)).images[0]
+    for layer in image.layers:
         if not repo.has_layer(layer.digest):
-            convert.ingest_layer(client, ref, layer, repo)
-    convert.build_flat(repo, resolved, mode)
-    return resolved, repo.flat_dir(resolved.config_digest)
+            convert.ingest_layer(client, [(ref, layer)], repo)
+    convert.build_flat(repo, ref.name, image, mode)
+    return image, repo.flat_dir(image.config_digest)
 
 
 def push(registry, layout: Layout, layers, tag="v1", how="gzip", **kw):
@@ -135,11 +136,12 @@ def test_plan_writes_each_path_once():
             (fs / "shared").mkdir(parents=True)
             (fs / "shared" / "same").write_text(str(i))
             (fs / f"own{i}").write_text(str(i))
-            layerfs.append(fs)
-        plan = flatten.plan(layerfs)
-        rels = [p.rel for p in plan]
+            layerfs.append(Dir.root(fs))
+        plan = flatten.plan(layerfs, [{}] * 5)
+        rels = plan.ordered()
         assert len(rels) == len(set(rels)) == 7
-        assert next(p for p in plan if p.rel == "shared/same").layer == 4
+        assert plan.decided["shared/same"][0] == 4
+        assert rels.index("shared") < rels.index("shared/same")
 
 
 def special_files(raw: bytes) -> set[str]:

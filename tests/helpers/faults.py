@@ -52,7 +52,10 @@ class FaultProxy:
                 pass
 
             def do_GET(self):
-                proxy.handle(self)
+                try:
+                    proxy.handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True     # the client went away: its business
 
             do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
 

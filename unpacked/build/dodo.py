@@ -1,0 +1,114 @@
+"""What ``dodo.py`` exports: DOIT_CONFIG and the task generators of this invocation.
+
+One handler here turns every error a user can act on into its line(s) and its exit code,
+before doit starts; inside the run the reporter does. Importing for ``doit list``/``info``/
+``forget`` takes no lock, installs no signal handler and touches no network; a ``doit`` run
+starts its ``Session`` here (see session.py for why the resolve step is at import).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .. import log as logs
+from .. import settings as settings_mod
+from ..errors import EXIT_SIGNAL, RecipeError, UnpackedError
+from . import doit_private
+from .context import Context
+from .reporter import Reporter
+from .session import Interrupted, Session
+from .tasks import Tasks
+
+COMMANDS = {"list", "info", "forget", "clean", "dumpdb", "help", "ignore", "reset-dep",
+            "strace", "tabcompletion", "auto", "version"}
+VALUED = {"-n", "--process", "-P", "--parallel-type", "-f", "--file", "-d", "--dir",
+          "--db-file", "--backend", "--reporter", "-r", "-o", "--output-file", "-v",
+          "--verbosity", "--failure-verbosity", "--check_file_uptodate", "--codec-cls",
+          "--dep-file", "--seek-file", "-k"}
+
+
+def command_of(argv: list[str]) -> str:
+    """doit's own rule: the first argument names a command, else the command is ``run``."""
+    args = argv[1:]
+    if args and args[0] in ("--version", "--help", "-h"):
+        return "help"
+    if not args or args[0] not in COMMANDS:
+        return "run"
+    return args[0]
+
+
+def task_names(argv: list[str]) -> list[str]:
+    """The tasks named on a run's command line (options and ``name=value`` skipped)."""
+    names, args, skip = [], argv[1:], False
+    if args and args[0] == "run":
+        args = args[1:]
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in VALUED
+        elif "=" not in arg:
+            names.append(arg)
+    return names
+
+
+def fail(exc: UnpackedError) -> SystemExit:
+    for line in exc.messages():
+        sys.stderr.write(f"unpacked: {line}\n")
+    return SystemExit(exc.exit_code)
+
+
+def load(argv: list[str] | None = None) -> dict:
+    """The namespace dodo.py exports for this invocation of doit."""
+    argv = sys.argv if argv is None else argv
+    command = command_of(argv)
+    session = None
+    try:
+        variables = doit_private.command_line_variables()
+        settings = settings_mod.load(variables, project=Path.cwd())
+        logs.setup(settings.verbosity)
+        if not settings.cache_dir.is_dir():
+            settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        ctx = Context(settings)
+        if ctx.recipes.problems and not ctx.recipes.recipes:
+            raise RecipeError(ctx.recipes.problems)     # nothing at all to work from
+        for line in ctx.recipes.problems if command != "run" else ():
+            sys.stderr.write(f"unpacked: {line}\n")
+        full = command == "run" and not task_names(argv) and "recipes" not in variables
+        if command == "run":
+            session = Session(ctx, full)
+            session.start()
+        tasks = Tasks(ctx, explain=command == "info", collect=full and settings.gc)
+        return {"DOIT_CONFIG": doit_config(ctx, session), **tasks.namespace()}
+    except Interrupted:
+        sys.stderr.write(f"unpacked: interrupted by {session.interrupted} while starting\n")
+        raise SystemExit(EXIT_SIGNAL.get(session.interrupted or "", 130)) from None
+    except UnpackedError as exc:
+        raise fail(exc) from None
+
+
+def doit_config(ctx: Context, session: Session | None) -> dict:
+    """DOIT_CONFIG: sqlite3 state in cache/, our reporter, keep going on failures."""
+    s = ctx.settings
+    jobs = s.jobs or default_jobs()
+    config = {
+        "backend": "sqlite3",
+        "dep_file": str(s.cache_dir / "doit.sqlite"),
+        "default_tasks": ["publish", "thin"],
+        "continue": True,
+        "num_process": jobs if jobs > 1 else 0,
+        "par_type": "process",
+        "verbosity": 2,
+        "forget_disable_default": True,
+        "minversion": "0.36.0",
+    }
+    if session is not None:
+        config["reporter"] = Reporter(session)
+    return config
+
+
+def default_jobs() -> int:
+    """Parallel processes when not set: measured in bench/ (ingest is CPU-bound per layer)."""
+    return min(2, os.cpu_count() or 1)

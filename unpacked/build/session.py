@@ -1,0 +1,144 @@
+"""A ``doit`` run from its start to its end, in the main process.
+
+Start: take the locks (``cache/`` and every repository), install the signal handlers, finish
+or abort what a crashed run left, and resolve every input over the network. This is the only
+network step, and it happens before doit asks for tasks (in dodo.py's import, for a run only):
+doit's delayed task creation cannot express "all tasks after the resolve" across generators,
+and with the network first every task is static, so ``doit list``/``info``/``forget`` stay
+offline. End: publish (or abort when interrupted) what this run opened, restart the GC
+clocks, prune doit's rows of vanished tasks, release the locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+
+from ..errors import EXIT_SIGNAL, UnpackedError
+from ..repo.lock import Lock
+from . import doit_private
+from .context import Context
+from .refresh import Refresher
+
+log = logging.getLogger("unpacked.run")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main process by SIGINT/SIGTERM so that doit unwinds and we abort."""
+
+
+class Session:
+    def __init__(self, ctx: Context, full: bool):
+        self.ctx = ctx
+        self.full = full                # no task named on the command line: GC, row pruning
+        self.started = time.monotonic()
+        self.interrupted: str | None = None
+        self.repos = list(ctx.recipes.repos)     # fixed now: an edit mid-run changes nothing
+        self.locks: list[Lock] = []
+        self.problems: list[str] = []   # resolve problems to report at the end
+        self.failed_resolves = 0
+
+    # -- start --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._lock(Lock(self.ctx.settings.cache_dir / "run.lock", "this cache"))
+            for repo in self.repos:
+                self._lock(self.ctx.publisher(repo).lock())
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.on_signal)
+            for repo in self.repos:
+                self.ctx.publisher(repo).recover()
+            self.refresh()
+            self.ctx.replan()
+            self.record_clocks(warn_gone=True)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self, lock: Lock) -> None:
+        lock.acquire()
+        self.locks.append(lock)
+
+    def on_signal(self, signum, frame) -> None:
+        self.interrupted = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_IGN)      # a second signal must not cut the abort
+        raise Interrupted(self.interrupted)
+
+    @property
+    def exit_signal(self) -> int:
+        return EXIT_SIGNAL.get(self.interrupted or "", 130)
+
+    def refresh(self) -> None:
+        """Resolve every input over the network; failures are kept per image for its task."""
+        ctx = self.ctx
+        started = time.monotonic()
+        refresher = Refresher(ctx.client, ctx.state, ctx.settings.registry_jobs)
+        outcomes, problems = refresher.run(ctx.recipes.recipes, ctx.platforms_of)
+        for line in problems:
+            log.warning("%s", line)
+        self.problems = problems
+        failed = [o for o in outcomes if o.error]
+        self.failed_resolves = len(failed)
+        changed = sum(1 for o in outcomes if o.changed)
+        for o in outcomes:
+            if o.resolved is not None and o.resolved.missing and o.changed:
+                log.warning("%s: not offered for %s (offers what was converted: %s)",
+                            o.wanted.name, ", ".join(o.resolved.missing),
+                            ", ".join(i.platform for i in o.resolved.images))
+        log.info("resolved %d images in %.1fs: %d changed, %d failed", len(outcomes),
+                 time.monotonic() - started, changed, len(failed))
+
+    def record_clocks(self, warn_gone: bool = False) -> None:
+        """Record, for each repository, what lost its last reference (GC clocks)."""
+        from ..repo import gc
+        from .plan import collection
+        for repo in self.repos:
+            clocks_file = gc.Clocks(self.ctx.settings.cache_dir, repo)
+            clocks = clocks_file.load()
+            result = collection(self.ctx, self.ctx.plan, repo, clocks)
+            clocks_file.save(clocks)
+            for name in result.gone if warn_gone else ():
+                log.warning("%s: %s is gone upstream; kept (gc_prune_gone=1 removes it)", repo,
+                            name)
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def close_transactions(self) -> tuple[bool, list[str]]:
+        """Publish (or abort, when interrupted) what is still open; (published?, errors)."""
+        from .actions import run_message
+        published, errors = False, []
+        if self.interrupted:
+            for child in multiprocessing.active_children():   # doit's workers, terminated
+                child.join(timeout=60)
+        for repo in self.repos:
+            publisher = self.ctx.publisher(repo)
+            if not publisher.is_open():
+                continue
+            try:
+                if self.interrupted:
+                    publisher.abort()
+                else:
+                    errors += publisher.publish(run_message(self.ctx, repo))
+                    published = True
+            except UnpackedError as exc:
+                errors.append(str(exc))
+        return published, errors
+
+    def finish(self, changed: bool, task_names: set[str]) -> None:
+        """After the tasks: clocks of what this run unreferenced, doit's stale rows."""
+        if self.interrupted:
+            return
+        if changed:
+            self.ctx.replan()
+            self.record_clocks()
+        if self.full and not self.ctx.recipes.broken:
+            doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite", task_names,
+                               self.ctx.recipe_set_id)
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()

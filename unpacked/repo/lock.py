@@ -1,0 +1,56 @@
+"""Locks that make a run the only one: on ``cache/`` (doit's state) and on each repository.
+
+A lock is a non-blocking ``flock`` on a file; the kernel drops it when the process dies, so a
+crashed run never leaves one behind. The repository's lock lives with the repository (or its
+CVMFS spool folder), so two runs with different ``cache`` settings still exclude each other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from ..errors import Busy, UnpackedError
+
+
+class Lock:
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), what
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise Busy naming who holds it (never waits)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            raise UnpackedError(f"cannot take the lock {self.path}: permission denied (run as "
+                                "the user that owns it)") from None
+        except OSError as exc:
+            raise UnpackedError(f"cannot take the lock {self.path}: "
+                                f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"another run (pid {self.holder()}) is working on {self.what} "
+                       f"({self.path}); exiting without changes") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
