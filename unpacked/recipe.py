@@ -15,8 +15,7 @@ import yaml
 
 from . import reference
 from .errors import BadReference, RecipeError
-from .reference import ImageRef
-from .registry.documents import Platform
+from .reference import ImageRef, Platform
 
 try:
     _Loader = yaml.CSafeLoader

@@ -27,6 +27,7 @@ _GLOB_TAG = re.compile(r"^[a-zA-Z0-9_.*?\[\]!-]{1,128}$")
 _ANY_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 _PLACEHOLDER = re.compile(r"\$\(([^)]*)\)")
+PLATFORM_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,24 @@ class ImageRef:
         return self.name
 
 
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        """``os/arch[/variant]``; raises ValueError when it is not that."""
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(PLATFORM_PART.match(p) for p in parts):
+            raise ValueError(f"{text!r} is not os/arch[/variant]")
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
 def is_digest(text: object) -> bool:
     """A digest safe to use as a folder name: sha256 or sha512, lowercase hex."""
     return isinstance(text, str) and DIGEST.match(text) is not None
@@ -97,10 +116,8 @@ def is_tag(text: object) -> bool:
     return isinstance(text, str) and TAG.match(text) is not None
 
 
-def parse(text: str) -> ImageRef:
-    """Parse one image reference; raise BadReference with the reason when it is not valid."""
-    if not isinstance(text, str) or not text.strip():
-        raise BadReference("empty image reference")
+def _host_and_path(text: str) -> tuple[str, str, str]:
+    """(scheme, registry host, the rest) of a reference in any accepted form."""
     s = text.strip()
     m = _SCHEME.match(s)
     if m:
@@ -119,7 +136,10 @@ def parse(text: str) -> ImageRef:
             host, path = "docker.io", s
     if not _HOST.match(host):
         raise BadReference(f"{text!r}: invalid registry host {host!r}")
+    return scheme, host, path
 
+
+def _repository_tag_digest(text: str, path: str) -> tuple[str, str | None, str]:
     path, at, digest = path.partition("@")
     if at and not digest:
         raise BadReference(f"{text!r}: empty digest after '@'")
@@ -135,25 +155,44 @@ def parse(text: str) -> ImageRef:
         if not _COMPONENT.match(component):
             hint = " (repository names are lowercase)" if component.lower() != component else ""
             raise BadReference(f"{text!r}: invalid repository component {component!r}{hint}")
+    return repository, tag, digest
+
+
+def _check_tag(text: str, tag: str | None) -> None:
+    if tag is None:
+        return
+    if not tag:
+        raise BadReference(f"{text!r}: empty tag after ':'")
+    glob = any(c in GLOB_CHARS for c in tag)
+    if not (_GLOB_TAG if glob else TAG).match(tag):
+        raise BadReference(f"{text!r}: invalid tag {tag!r}")
+
+
+def _check_digest(text: str, digest: str, tag: str | None) -> None:
+    if not digest:
+        return
+    if not _ANY_DIGEST.match(digest):
+        raise BadReference(f"{text!r}: invalid digest {digest!r}")
+    algorithm = digest.partition(":")[0]
+    if algorithm not in ("sha256", "sha512"):
+        raise BadReference(f"{text!r}: unsupported digest algorithm {algorithm!r}")
+    if not is_digest(digest):
+        raise BadReference(f"{text!r}: a {algorithm} digest is lowercase hex digits "
+                           f"({64 if algorithm == 'sha256' else 128} of them)")
+    if tag is not None and any(c in GLOB_CHARS for c in tag):
+        raise BadReference(f"{text!r}: a wildcard tag cannot be pinned to a digest")
+
+
+def parse(text: str) -> ImageRef:
+    """Parse one image reference; raise BadReference with the reason when it is not valid."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadReference("empty image reference")
+    scheme, host, path = _host_and_path(text)
+    repository, tag, digest = _repository_tag_digest(text, path)
     if len(host) + 1 + len(repository) > 255:
         raise BadReference(f"{text!r}: name longer than 255 characters")
-    if tag is not None:
-        if not tag:
-            raise BadReference(f"{text!r}: empty tag after ':'")
-        glob = any(c in GLOB_CHARS for c in tag)
-        if not (_GLOB_TAG if glob else TAG).match(tag):
-            raise BadReference(f"{text!r}: invalid tag {tag!r}")
-    if digest:
-        if not _ANY_DIGEST.match(digest):
-            raise BadReference(f"{text!r}: invalid digest {digest!r}")
-        algorithm = digest.partition(":")[0]
-        if algorithm not in ("sha256", "sha512"):
-            raise BadReference(f"{text!r}: unsupported digest algorithm {algorithm!r}")
-        if not is_digest(digest):
-            raise BadReference(f"{text!r}: a {algorithm} digest is lowercase hex digits "
-                               f"({64 if algorithm == 'sha256' else 128} of them)")
-        if tag is not None and any(c in GLOB_CHARS for c in tag):
-            raise BadReference(f"{text!r}: a wildcard tag cannot be pinned to a digest")
+    _check_tag(text, tag)
+    _check_digest(text, digest, tag)
     if host in DOCKER_HUB_HOSTS and "/" not in repository:
         repository = "library/" + repository
     if tag is None and not digest:

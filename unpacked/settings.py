@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import SettingsError
-from .registry.documents import Platform
+from .reference import Platform
 
 PREFIX = "UNPACKED_"
 # variables of the environment that are not settings: hooks for tests, the CLI's project

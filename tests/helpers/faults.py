@@ -93,26 +93,39 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         fault = self._take(h.command, h.path)
-        if fault and fault.kind in ("status", "body"):
-            with self.lock:
-                self.log.append((h.command, h.path, fault.status))
-            data = fault.data or b'{"errors":[{"code":"INJECTED","message":"injected fault"}]}'
-            h.send_response(fault.status)
-            for k, v in fault.headers.items():
-                h.send_header(k, v)
+        if fault and fault.kind in ("status", "body", "redirect"):
+            self._canned(h, fault)
+            return
+        status, out_headers, data = self._forward(h, body, fault)
+        h.send_response(status)
+        for k, v in out_headers:
+            h.send_header(k, v)
+        if h.command != "HEAD":
             h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            if h.command != "HEAD":
-                h.wfile.write(data)
-            return
-        if fault and fault.kind == "redirect":
-            with self.lock:
-                self.log.append((h.command, h.path, 307))
-            h.send_response(307)
-            h.send_header("Location", fault.data.decode() + h.path)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
+        h.end_headers()
+        if h.command != "HEAD":
+            self._send(h, data, fault)
+
+    def _canned(self, h: BaseHTTPRequestHandler, fault: Fault) -> None:
+        """An answer made up here: an error status, a canned body, or a redirect."""
+        status = 307 if fault.kind == "redirect" else fault.status
+        with self.lock:
+            self.log.append((h.command, h.path, status))
+        if fault.kind == "redirect":
+            data, headers = b"", {"Location": fault.data.decode() + h.path}
+        else:
+            data = fault.data or b'{"errors":[{"code":"INJECTED","message":"injected fault"}]}'
+            headers = fault.headers
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+    def _forward(self, h: BaseHTTPRequestHandler, body: bytes | None, fault: Fault | None):
+        """The real registry's answer, changed as the fault says: (status, headers, body)."""
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP}
         if fault and fault.kind == "ignore-range":
@@ -126,41 +139,34 @@ class FaultProxy:
             self.log.append((h.command, h.path, resp.status))
             self.received.append((h.command, h.path, dict(h.headers), len(data)))
         keep_length = h.command == "HEAD"
-        out_headers = [(k, v) for k, v in resp.getheaders()
-                       if k.lower() not in HOP and (keep_length or k.lower() != "content-length")]
+        out = [(k, v.replace(self.upstream, self.host) if k.lower() == "location" else v)
+               for k, v in resp.getheaders()
+               if k.lower() not in HOP and (keep_length or k.lower() != "content-length")]
         if self.paginate and "/tags/list" in h.path and resp.status == 200:
             data, link = self._page(h.path, data)
-            out_headers = [(k, v) for k, v in out_headers if k.lower() != "link"]
-            if link:
-                out_headers.append(("Link", link))
+            out = [(k, v) for k, v in out if k.lower() != "link"] + ([("Link", link)] if link
+                                                                     else [])
         if fault and fault.kind == "flip" and data:
             at = min(fault.at, len(data) - 1)
             data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
         if fault and fault.kind == "truncate":
             data = data[:fault.at]
-        h.send_response(resp.status)
-        for k, v in out_headers:
-            if k.lower() == "location":
-                v = v.replace(self.upstream, self.host)
-            h.send_header(k, v)
-        if not keep_length:
-            h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if h.command == "HEAD":
-            return
+        return resp.status, out, data
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, data: bytes, fault: Fault | None) -> None:
         if fault and fault.kind == "slow":
             for i in range(0, len(data), fault.at or 65536):
                 h.wfile.write(data[i:i + (fault.at or 65536)])
                 h.wfile.flush()
                 time.sleep(fault.delay)
-            return
-        if fault and fault.kind == "reset":
+        elif fault and fault.kind == "reset":
             h.wfile.write(data[:fault.at])
             h.wfile.flush()
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
-            return
-        h.wfile.write(data)
+        else:
+            h.wfile.write(data)
 
     @staticmethod
     def _page(path: str, data: bytes) -> tuple[bytes, str | None]:

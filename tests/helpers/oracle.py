@@ -77,19 +77,28 @@ def differences(ours: Path, theirs: Path, specials: set[str] = frozenset()) -> l
         if rel not in a:
             problems.append(f"{rel}: missing in ours ({b[rel][0]})")
             continue
-        ka, ma, ca, _ = a[rel]
-        kb, mb, cb, _ = b[rel]
-        if ka != kb:
-            problems.append(f"{rel}: ours is a {ka}, theirs a {kb}")
-        elif ca != cb:
-            problems.append(f"{rel}: content or target differs ({ca} vs {cb})")
-        elif ma is not None and (ma & 0o1077) != (mb & 0o1077):
-            problems.append(f"{rel}: mode {oct(ma)} vs {oct(mb)}")
-        elif ma is not None and ma & 0o6000:
-            problems.append(f"{rel}: set-uid/set-gid kept ({oct(ma)})")
-        elif ma is not None and ka == "file" and ma & 0o600 != 0o600:
-            problems.append(f"{rel}: owner cannot read and write ({oct(ma)})")
+        problem = _compare(a[rel], b[rel])
+        if problem:
+            problems.append(f"{rel}: {problem}")
     return problems
+
+
+def _compare(ours: tuple, theirs: tuple) -> str | None:
+    ka, ma, ca, _ = ours
+    kb, mb, cb, _ = theirs
+    if ka != kb:
+        return f"ours is a {ka}, theirs a {kb}"
+    if ca != cb:
+        return f"content or target differs ({ca} vs {cb})"
+    if ma is None:
+        return None
+    if (ma & 0o1077) != (mb & 0o1077):
+        return f"mode {oct(ma)} vs {oct(mb)}"
+    if ma & 0o6000:
+        return f"set-uid/set-gid kept ({oct(ma)})"
+    if ka == "file" and ma & 0o600 != 0o600:
+        return f"owner cannot read and write ({oct(ma)})"
+    return None
 
 
 def link_groups(root: Path) -> set[frozenset[str]]:

@@ -291,12 +291,12 @@ def test_foreign_layer_needs_the_setting(tmp_path):
             convert.ingest_layer(client, [(ref, layer)], repo)
         assert "foreign layer" in str(exc.value) and "foreign_layers=1" in str(exc.value)
         assert url in str(exc.value)
-        convert.ingest_layer(client, [(ref, layer)], repo, foreign=True)
+        convert.ingest_layer(client, [(ref, layer)], repo, convert.Options(foreign=True))
         assert (repo.layerfs(layer.digest) / "Windows/foreign.txt").read_bytes() == \
             b"from elsewhere"
         bad = Layer("sha256:" + "0" * 64, len(data), layer.media_type, sha(raw), (url,))
         with pytest.raises(UnpackedError, match="hashes to"):
-            convert.ingest_layer(client, [(ref, bad)], repo, foreign=True)
+            convert.ingest_layer(client, [(ref, bad)], repo, convert.Options(foreign=True))
         assert not repo.layer_dir(bad.digest).exists()
     finally:
         server.shutdown()

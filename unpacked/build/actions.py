@@ -73,13 +73,12 @@ def begin(ctx: Context, repo: str) -> TaskFailed | None:
 
 @step
 def ingest(ctx: Context, sources: list[tuple[str, dict]], repos: list[str]) -> dict:
-    from ..image.convert import ingest_layer
+    from ..image.convert import Options, ingest_layer
     pairs = [(parse(ref), Layer(**{**layer, "urls": tuple(layer["urls"])}))
              for ref, layer in sources]
+    options = Options(ctx.settings.foreign_layers, ctx.settings.max_layer_bytes)
     for repo in repos:
-        ingest_layer(ctx.client, pairs, ctx.publisher(repo).repository(),
-                     foreign=ctx.settings.foreign_layers,
-                     max_bytes=ctx.settings.max_layer_bytes)
+        ingest_layer(ctx.client, pairs, ctx.publisher(repo).repository(), options)
     return {"digest": pairs[0][1].digest}
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+from dataclasses import dataclass
 
 from ..errors import ImageError, RegistryError
 from ..reference import ImageRef
@@ -34,9 +36,16 @@ LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar",
                "application/vnd.docker.image.rootfs.diff.tar") + FOREIGN
 
 
+@dataclass(frozen=True)
+class Options:
+    """How layers may be fetched and how large they may be (from the settings)."""
+
+    foreign: bool = False             # fetch non-distributable layers from their urls
+    max_bytes: int = 64 << 30         # bytes a layer may uncompress and write to
+
+
 def ingest_layer(client: RegistryClient, sources: list[tuple[ImageRef, Layer]],
-                 repo: Repository, *, foreign: bool = False,
-                 max_bytes: int = 64 << 30) -> dict:
+                 repo: Repository, options: Options = Options()) -> dict:
     """Download, verify and unpack one blob into ``.layers/<hex>``, from the first image
     naming it that serves it whole (streamed, never buffered)."""
     digest = sources[0][1].digest
@@ -50,7 +59,7 @@ def ingest_layer(client: RegistryClient, sources: list[tuple[ImageRef, Layer]],
     problems: list[str] = []
     for ref, layer in _distinct(usable):
         try:
-            return _ingest_from(client, ref, layer, claims, repo, foreign, max_bytes)
+            return _ingest_from(client, (ref, layer), claims, repo, options)
         except RegistryError as exc:
             problems.append(str(exc))
             if len(usable) > 1:
@@ -68,11 +77,12 @@ def _distinct(sources: list[tuple[ImageRef, Layer]]) -> list[tuple[ImageRef, Lay
     return out
 
 
-def _ingest_from(client: RegistryClient, ref: ImageRef, layer: Layer, claims: Claims,
-                 repo: Repository, foreign: bool, max_bytes: int) -> dict:
+def _ingest_from(client: RegistryClient, source: tuple[ImageRef, Layer], claims: Claims,
+                 repo: Repository, options: Options) -> dict:
+    ref, layer = source
     url = None
     if layer.media_type in FOREIGN and layer.urls:
-        if not foreign:
+        if not options.foreign:
             raise ImageError(f"layer {layer.digest} of {ref} is a foreign layer served from "
                              f"{layer.urls[0]}; set foreign_layers=1 to fetch it from there")
         url = layer.urls[0]
@@ -80,7 +90,7 @@ def _ingest_from(client: RegistryClient, ref: ImageRef, layer: Layer, claims: Cl
     stream = client.open_blob(ref, layer.digest, layer.size, url)
     try:
         info = ingest(stream, repo, Claims(claims.digest, claims.diff_ids, layer.media_type,
-                                           layer.size), max_bytes=max_bytes)
+                                           layer.size), max_bytes=options.max_bytes)
     finally:
         stream.close()
     seconds = max(time.monotonic() - started, 1e-6)
@@ -111,24 +121,15 @@ def build_flat(repo: Repository, name: str, image: PlatformImage, mode: str = "h
     """Merge the image's layers into ``.flat/<config-hex>`` and add the Apptainer files."""
     infos = check_layers(repo, name, image)
     started = time.monotonic()
-    with repo.open_area(FLAT) as area, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         layers = [stack.enter_context(_open_layerfs(repo, x.digest)) for x in image.layers]
         external = [dict(info.get("external_links") or {}) for info in infos]
-        temp = area.make_temp_dir(image.config_digest[7:19])
-        try:
-            with area.child(temp) as out:
-                out.guard = None        # inside a folder this run made under the guard
-                stats = flatten.flatten(layers, external, out, mode)
-                sandbox.write(out, image.config_doc)
-                if repo.catalogs:
-                    with contextlib.suppress(FileNotFoundError):
-                        out.remove(CATALOG)
-                    out.create(CATALOG, 0o644)
-            repo.place(area, temp, hex_of(image.config_digest))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                area.remove(temp)
-            raise
+        with repo.building(FLAT, hex_of(image.config_digest)) as out:
+            stats = flatten.flatten(layers, external, out, mode)
+            sandbox.write(out, image.config_doc)
+            if repo.catalogs:
+                out.remove(CATALOG)
+                os.close(out.create(CATALOG, 0o644))
     stats["seconds"] = round(time.monotonic() - started, 3)
     log.info("flat %s: %d entries, %d files (%s) in %.1fs", image.config_digest[7:19],
              stats["entries"], stats["files"], mode, stats["seconds"])

@@ -129,6 +129,18 @@ def clean_name(raw: str) -> str | None:
     return "/".join(parts)
 
 
+@dataclass
+class _At:
+    """One entry being extracted: the tar member, its name as written and cleaned, and the
+    open folder it goes in."""
+
+    member: tarfile.TarInfo
+    entry: str
+    rel: str
+    parent: Dir
+    name: str
+
+
 class Extractor:
     """Owns every write of one layer into ``root``; refuses anything that would leave it."""
 
@@ -172,16 +184,16 @@ class Extractor:
 
     # -- entries ------------------------------------------------------------------------------
 
-    def _clear(self, parent: Dir, name: str, rel: str, entry: str, new_is_dir: bool) -> bool:
-        """Remove what stands at ``rel`` unless both are folders (then True: merge)."""
-        st = parent.lstat(name)
+    def _clear(self, at: _At, new_is_dir: bool) -> bool:
+        """Remove what stands at the entry's path unless both are folders (then True: merge)."""
+        st = at.parent.lstat(at.name)
         if st is None:
             return False
-        self.report.note("duplicates", entry)
+        self.report.note("duplicates", at.entry)
         if stat.S_ISDIR(st.st_mode) and new_is_dir:
             return True
-        self.folders.forget(rel)
-        parent.remove(name)
+        self.folders.forget(at.rel)
+        at.parent.remove(at.name)
         return False
 
     def _mode(self, member: tarfile.TarInfo, rel: str, is_dir: bool) -> int:
@@ -214,89 +226,95 @@ class Extractor:
             self.root.chmod_self(self._mode(member, rel, True))
             self._time("", self._mtime(member))
             return
-        parent = self._folder(parent_rel, entry)
-        if parent_rel == "" and base == CATALOG:
-            self.report.replaced_catalog = True       # the repository's marker, not content
-            self._clear(parent, base, rel, entry, False)
+        at = _At(member, entry, rel, self._folder(parent_rel, entry), base)
+        if base == CATALOG:
+            # a CVMFS catalog marker is the repository's business, never the image's
+            self.report.replaced_catalog |= parent_rel == ""
+            self.report.note("skipped", f"{rel} (CVMFS catalog marker)")
+            self._clear(at, False)
             return
-        whiteout = base.startswith(WHITEOUT)
+        self._dispatch(tar, at)
+
+    def _dispatch(self, tar: tarfile.TarFile, at: _At) -> None:
+        member = at.member
+        whiteout = at.name.startswith(WHITEOUT)
         if member.isdir() and not whiteout:
-            self._dir(parent, base, rel, entry, member)
+            self._dir(at)
         elif member.isfile() or whiteout:
-            self._file(tar, parent, base, rel, entry, member, whiteout)
+            self._file(tar, at, whiteout)
         elif member.issym():
-            self._symlink(parent, base, rel, entry, member)
+            self._symlink(at)
         elif member.islnk():
-            self._hardlink(parent, base, rel, entry, member)
+            self._hardlink(at)
         elif member.ischr() or member.isblk() or member.isfifo():
             kind = "device" if (member.ischr() or member.isblk()) else "fifo"
-            self.report.note("skipped", f"{rel} ({kind})")
+            self.report.note("skipped", f"{at.rel} ({kind})")
         else:
-            self.report.note("skipped", f"{rel} (tar type {member.type!r})")
+            self.report.note("skipped", f"{at.rel} (tar type {member.type!r})")
 
-    def _owner(self, parent: Dir, name: str, member: tarfile.TarInfo) -> None:
+    def _owner(self, at: _At) -> None:
         if IS_ROOT:
-            parent.chown(name, member.uid, member.gid)
+            at.parent.chown(at.name, at.member.uid, at.member.gid)
 
-    def _dir(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
-        if not self._clear(parent, name, rel, entry, True):
-            parent.mkdir(name, 0o700)
-        self._owner(parent, name, member)
-        parent.chmod(name, self._mode(member, rel, True))
-        self._time(rel, self._mtime(member))
+    def _dir(self, at: _At) -> None:
+        if not self._clear(at, True):
+            at.parent.mkdir(at.name, 0o700)
+        self._owner(at)
+        at.parent.chmod(at.name, self._mode(at.member, at.rel, True))
+        self._time(at.rel, self._mtime(at.member))
 
-    def _file(self, tar, parent: Dir, name: str, rel: str, entry: str, member,
-              whiteout: bool) -> None:
-        self._clear(parent, name, rel, entry, False)
-        fd = parent.create(name, 0o600)
+    def _file(self, tar: tarfile.TarFile, at: _At, whiteout: bool) -> None:
+        self._clear(at, False)
+        fd = at.parent.create(at.name, 0o600)
         with os.fdopen(fd, "wb", buffering=0) as out:
-            if member.isfile() and not whiteout:
-                src = tar.extractfile(member)
+            if at.member.isfile() and not whiteout:
+                src = tar.extractfile(at.member)
                 while chunk := src.read(COPY_CHUNK):
                     self.report.written += len(chunk)
                     if self.report.written > self.limit:
-                        raise self.fail(entry, f"the layer writes more than {self.limit:,} "
+                        raise self.fail(at.entry, f"the layer writes more than {self.limit:,} "
                                         "bytes (a sparse or decompression bomb?)")
                     out.write(chunk)
             if IS_ROOT:
-                os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, self._mode(member, rel, False))
-            mtime = self._mtime(member) * 10**9
+                os.fchown(fd, at.member.uid, at.member.gid)
+            os.fchmod(fd, self._mode(at.member, at.rel, False))
+            mtime = self._mtime(at.member) * 10**9
             os.utime(fd, ns=(mtime, mtime))
 
-    def _symlink(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
-        if len(member.linkname) > tarsafe.MAX_NAME or "\0" in member.linkname:
-            raise self.fail(entry, "a symlink target longer than any real path")
-        self._clear(parent, name, rel, entry, False)
-        parent.new_symlink(name, member.linkname)
-        self._owner(parent, name, member)
-        mtime = self._mtime(member) * 10**9
-        parent.utime(name, (mtime, mtime))
+    def _symlink(self, at: _At) -> None:
+        target = at.member.linkname
+        if len(target) > tarsafe.MAX_NAME or "\0" in target:
+            raise self.fail(at.entry, "a symlink target longer than any real path")
+        self._clear(at, False)
+        at.parent.new_symlink(at.name, target)
+        self._owner(at)
+        mtime = self._mtime(at.member) * 10**9
+        at.parent.utime(at.name, (mtime, mtime))
 
-    def _hardlink(self, parent: Dir, name: str, rel: str, entry: str, member) -> None:
-        target = clean_name(member.linkname)
+    def _hardlink(self, at: _At) -> None:
+        target = clean_name(at.member.linkname)
         if target is None or target == "":
-            raise self.fail(entry, f"a hardlink to {member.linkname!r}, outside the layer")
+            raise self.fail(at.entry, f"a hardlink to {at.member.linkname!r}, outside the layer")
         target_parent, _, target_name = target.rpartition("/")
         try:
-            source = self._folder(target_parent, entry, create=False)
+            source = self._folder(target_parent, at.entry, create=False)
         except LayerError:
-            raise self.fail(entry, f"a hardlink through {target_parent!r}, not a folder") \
+            raise self.fail(at.entry, f"a hardlink through {target_parent!r}, not a folder") \
                 from None
         st = source.lstat(target_name) if source is not None else None
         if st is None:
             # Its target lives in a lower layer: flattening links it there.
             if len(self.report.external_links) >= MAX_EXTERNAL_LINKS:
-                raise self.fail(entry, f"more than {MAX_EXTERNAL_LINKS:,} hardlinks to lower "
-                                "layers")
-            self.report.external_links[rel] = target
+                raise self.fail(at.entry, f"more than {MAX_EXTERNAL_LINKS:,} hardlinks to "
+                                "lower layers")
+            self.report.external_links[at.rel] = target
             return
         if stat.S_ISDIR(st.st_mode):
-            raise self.fail(entry, f"a hardlink to the folder {target!r}")
-        if target == rel:
+            raise self.fail(at.entry, f"a hardlink to the folder {target!r}")
+        if target == at.rel:
             return
-        self._clear(parent, name, rel, entry, False)
-        parent.hardlink(source, target_name, name)
+        self._clear(at, False)
+        at.parent.hardlink(source, target_name, at.name)
 
     def finish(self) -> None:
         """Folder times last: creating children changed them."""
@@ -387,32 +405,21 @@ def ingest(blob: BinaryIO, repo: Repository, claims: Claims, *,
     """
     what = f"layer {claims.digest}"
     raise_fd_limit()
-    with repo.open_area(repo.LAYERS) as area:
-        temp = area.make_temp_dir(claims.digest[7:19])
-        try:
-            with area.child(temp) as work:
-                work.guard = None       # inside a folder this run made under the guard
-                work.mkdir("layerfs", 0o755)
-                with work.child("layerfs") as layerfs:
-                    report, diff_id, found, count = _extract(blob, layerfs, work, claims,
-                                                             max_bytes, what)
-                    if diff_id not in claims.diff_ids:
-                        said = " or ".join(claims.diff_ids)
-                        raise LayerError(f"{what}: uncompressed content hashes to {diff_id}, "
-                                         f"but the image config says diff_id {said}; refused")
-                    _apply_dir_times(layerfs, work)
-                    if repo.catalogs:
-                        os.close(layerfs.create(CATALOG, 0o644))   # a nested catalog each
-                work.unlink(DIR_TIMES)
-                info = _info(claims, diff_id, found, count, report)
-                work.write_file("layer.json",
-                                json.dumps(info, indent=1, sort_keys=True).encode())
-                work.chmod_self(0o755)
-            repo.place(area, temp, repo.layer_name(claims.digest))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                area.remove(temp)
-            raise
+    with repo.building(repo.LAYERS, repo.layer_name(claims.digest), claims.digest[7:19]) as work:
+        work.mkdir("layerfs", 0o755)
+        with work.child("layerfs") as layerfs:
+            report, diff_id, found, count = _extract(blob, layerfs, work, claims, max_bytes,
+                                                     what)
+            if diff_id not in claims.diff_ids:
+                said = " or ".join(claims.diff_ids)
+                raise LayerError(f"{what}: uncompressed content hashes to {diff_id}, but the "
+                                 f"image config says diff_id {said}; refused")
+            _apply_dir_times(layerfs, work)
+            if repo.catalogs:
+                os.close(layerfs.create(CATALOG, 0o644))   # a nested catalog each
+        work.unlink(DIR_TIMES)
+        info = _info(claims, diff_id, found, count, report)
+        work.write_file("layer.json", json.dumps(info, indent=1, sort_keys=True).encode())
     _log_report(what, report)
     return info
 

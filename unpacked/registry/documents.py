@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import BadDocument, sanitize
-from ..reference import is_digest, is_tag
+from ..reference import PLATFORM_PART, Platform, is_digest, is_tag
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -39,26 +39,7 @@ MAX_TOKEN_LIFE = 86400.0
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 MEDIA_TYPE = re.compile(rf"^{_NAME}/{_NAME}$")
-PLATFORM_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        """``os/arch[/variant]``; raises ValueError when it is not that."""
-        parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(PLATFORM_PART.match(p) for p in parts):
-            raise ValueError(f"{text!r} is not os/arch[/variant]")
-        return cls(*parts)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
 @dataclass(frozen=True)

@@ -410,6 +410,24 @@ def _open_for_removal(parent: int, name: str) -> int:
         return os.open(name, DIR_FLAGS, dir_fd=parent)
 
 
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink everything in the open folder but its subfolders, which are returned."""
+    subfolders = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.name)
+                continue
+            try:
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                os.fchmod(fd, 0o700)
+                os.unlink(entry.name, dir_fd=fd)
+    return subfolders
+
+
 def _remove_tree(parent: int, name: str) -> None:
     """Iterative, descriptor-based removal: no recursion limit, no symlink ever followed."""
     raise_fd_limit()
@@ -421,20 +439,8 @@ def _remove_tree(parent: int, name: str) -> None:
             fd = _open_for_removal(up, own)
         except FileNotFoundError:
             return                     # removed meanwhile (a worker cleaning up): fine
-        subfolders = []
         try:
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        subfolders.append(entry.name)
-                        continue
-                    try:
-                        os.unlink(entry.name, dir_fd=fd)
-                    except FileNotFoundError:
-                        pass
-                    except PermissionError:
-                        os.fchmod(fd, 0o700)
-                        os.unlink(entry.name, dir_fd=fd)
+            subfolders = _unlink_files(fd)
         except BaseException:
             os.close(fd)
             raise

@@ -228,85 +228,112 @@ class Policy:
     max_dropped: int | None = None       # None: 10, and never more than a tenth
 
 
-def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float], now: float,
-            knobs: Policy, existing: dict[str, Existing] | None = None) -> Collection:
-    """What is due, pending and waiting; ``clocks`` is updated in place."""
-    result = Collection(name)
-    existing = scan_images(repo) if existing is None else existing
-    candidates: list[Candidate] = []
+class _Collect:
+    """One computation of ``compute``: what stays (``kept``), what may go (``candidates``)."""
 
-    def candidate(kind, ident, reason, days, public=""):
-        since = clocks.setdefault(f"{kind}:{ident}", now)
+    def __init__(self, repo: Repository, wants: Wants, clocks: dict[str, float], now: float,
+                 knobs: Policy, result: Collection):
+        self.repo, self.wants, self.clocks, self.now = repo, wants, clocks, now
+        self.knobs, self.result = knobs, result
+        self.kept: list[Existing] = []
+        self.candidates: list[Candidate] = []
+
+    def candidate(self, kind: str, ident: str, reason: str, days: float,
+                  public: str = "") -> Candidate:
+        since = self.clocks.setdefault(f"{kind}:{ident}", self.now)
         return Candidate(kind, ident, reason, since, since + max(days, 0.0) * DAY, public)
 
-    kept: list[Existing] = []
-    dropping: list[tuple[Candidate, Existing]] = []
-    for image in existing.values():
-        if (image.name in wants.names and image.name not in wants.gone) or wants.frozen:
-            kept.append(image)
-            continue
-        gone = image.name in wants.gone or _matches_wildcard(image.name, wants.wildcards)
-        if gone and not knobs.prune_gone:
-            result.gone.append(image.name)
-            kept.append(image)
-            continue
-        why = "gone upstream, pruning asked for" if gone else "dropped from every recipe"
-        dropping.append((candidate("image", image.name, why, knobs.image_grace, image.public),
-                         image))
-    due_now = [c for c, _ in dropping if c.due <= now]
-    limit = knobs.max_dropped if knobs.max_dropped is not None \
-        else min(10, max(1, len(existing) // 10))
-    if len(due_now) > limit:
-        result.blocked = (f"{len(due_now)} of {len(existing)} published images would be "
-                          f"unpublished at once, more than {limit} (gc_max_dropped): none is; "
-                          "check the recipes, or raise gc_max_dropped")
-    for c, image in dropping:
-        if c.due > now or result.blocked:
-            kept.append(image)        # in its grace period (or held): flat and layers stay
-        if not result.blocked:
-            candidates.append(c)
-    if wants.frozen:
-        result.blocked = "; ".join(wants.frozen)
-    for entry in scan_images(repo, MULTIARCH).values():
-        if entry.name in wants.platforms:
-            kept.append(entry)
-        elif not result.blocked:
+    def images(self, existing: dict[str, Existing]) -> None:
+        """Wanted images stay; dropped ones go after their grace, unless too many at once."""
+        wants, knobs, result = self.wants, self.knobs, self.result
+        dropping: list[tuple[Candidate, Existing]] = []
+        for image in existing.values():
+            if (image.name in wants.names and image.name not in wants.gone) or wants.frozen:
+                self.kept.append(image)
+                continue
+            gone = image.name in wants.gone or _matches_wildcard(image.name, wants.wildcards)
+            if gone and not knobs.prune_gone:
+                result.gone.append(image.name)
+                self.kept.append(image)
+                continue
+            why = "gone upstream, pruning asked for" if gone else "dropped from every recipe"
+            dropping.append((self.candidate("image", image.name, why, knobs.image_grace,
+                                            image.public), image))
+        due_now = [c for c, _ in dropping if c.due <= self.now]
+        limit = knobs.max_dropped if knobs.max_dropped is not None \
+            else min(10, max(1, len(existing) // 10))
+        if len(due_now) > limit:
+            result.blocked = (f"{len(due_now)} of {len(existing)} published images would be "
+                              f"unpublished at once, more than {limit} (gc_max_dropped): none "
+                              "is; check the recipes, or raise gc_max_dropped")
+        for c, image in dropping:
+            if c.due > self.now or result.blocked:
+                self.kept.append(image)    # in its grace period (or held): flat, layers stay
+            if not result.blocked:
+                self.candidates.append(c)
+        if wants.frozen:
+            result.blocked = "; ".join(wants.frozen)
+
+    def platforms(self, entries: dict[str, Existing]) -> None:
+        """Platforms of multi-platform images (``<arch>/<name>``) no longer asked for."""
+        for entry in entries.values():
+            if entry.name in self.wants.platforms or self.result.blocked:
+                self.kept.append(entry)
+                continue
             arch, _, image_name = entry.name.partition("/")
-            c = candidate("platform", entry.name, f"platform {arch} no longer wanted for "
-                          f"{image_name}", knobs.image_grace)
-            candidates.append(c)
-            if c.due > now:
-                kept.append(entry)
-        else:
-            kept.append(entry)
-    flats_linked, _ = linked(repo, wants.roots)
-    pruned = wants.gone if knobs.prune_gone else set()
-    protected = {p for name, paths in wants.publics.items() if name not in pruned
-                 for p in paths} | {i.public for i in kept}
-    for image in kept:
-        for old in image.previous_publics:
-            if old not in protected and repo.link_target(old) is not None:
-                candidates.append(candidate("public", old, f"{image.name} moved to "
-                                            f"{image.public}", knobs.image_grace))
-    flats = set(wants.flats) | {i.config for i in kept} | flats_linked
-    layers = set(wants.layers)
-    for image in kept:
-        layers.update(image.layers)
-        if image.name in wants.thin_pending:
-            layers.update(image.previous_layers)   # the thin image in the registry names them
-    for digest in scan_digests(repo, FLAT):
-        if digest not in flats:
-            candidates.append(candidate("flat", digest, "no image names it", knobs.grace))
-    for digest in scan_digests(repo, LAYERS):
-        if digest not in layers:
-            candidates.append(candidate("layer", digest, "no kept image uses it", knobs.grace))
-    result.protected = protected
-    live = {c.key for c in candidates}
+            c = self.candidate("platform", entry.name, f"platform {arch} no longer wanted "
+                               f"for {image_name}", self.knobs.image_grace)
+            self.candidates.append(c)
+            if c.due > self.now:
+                self.kept.append(entry)
+
+    def publics(self) -> set[str]:
+        """Public paths a kept image was published at before: they go; wanted ones never."""
+        pruned = self.wants.gone if self.knobs.prune_gone else set()
+        protected = {p for name, paths in self.wants.publics.items() if name not in pruned
+                     for p in paths} | {i.public for i in self.kept}
+        for image in self.kept:
+            for old in image.previous_publics:
+                if old not in protected and self.repo.link_target(old) is not None:
+                    self.candidates.append(self.candidate(
+                        "public", old, f"{image.name} moved to {image.public}",
+                        self.knobs.image_grace))
+        return protected
+
+    def objects(self) -> None:
+        """Flat images and layers nothing kept names."""
+        flats_linked, _ = linked(self.repo, self.wants.roots)
+        flats = set(self.wants.flats) | {i.config for i in self.kept} | flats_linked
+        layers = set(self.wants.layers)
+        for image in self.kept:
+            layers.update(image.layers)
+            if image.name in self.wants.thin_pending:
+                layers.update(image.previous_layers)   # a pushed thin image names them
+        for digest in scan_digests(self.repo, FLAT):
+            if digest not in flats:
+                self.candidates.append(self.candidate("flat", digest, "no image names it",
+                                                      self.knobs.grace))
+        for digest in scan_digests(self.repo, LAYERS):
+            if digest not in layers:
+                self.candidates.append(self.candidate("layer", digest,
+                                                      "no kept image uses it", self.knobs.grace))
+
+
+def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float], now: float,
+            knobs: Policy) -> Collection:
+    """What is due, pending and waiting; ``clocks`` is updated in place."""
+    result = Collection(name)
+    run = _Collect(repo, wants, clocks, now, knobs, result)
+    run.images(scan_images(repo))
+    run.platforms(scan_images(repo, MULTIARCH))
+    result.protected = run.publics()
+    run.objects()
+    live = {c.key for c in run.candidates}
     for key in [k for k in clocks if k not in live]:
         del clocks[key]                   # referenced again (or gone): its clock restarts
-    due = sorted((c for c in candidates if c.due <= now), key=lambda c: (c.since, c.key))
+    due = sorted((c for c in run.candidates if c.due <= now), key=lambda c: (c.since, c.key))
     result.due, result.pending = due[:knobs.limit], due[knobs.limit:]
-    result.waiting = sorted((c for c in candidates if c.due > now), key=lambda c: c.due)
+    result.waiting = sorted((c for c in run.candidates if c.due > now), key=lambda c: c.due)
     return result
 
 

@@ -94,6 +94,24 @@ class Repository:
         with self.open(create=create) as root, root.sub(rel, create=create) as area:
             yield area
 
+    @contextlib.contextmanager
+    def building(self, area_rel: str, final: str, label: str = ""):
+        """The one way a finished thing reaches its final path: build it in a fresh folder
+        beside ``area_rel/final`` (yielded, open), put it in place whole when the block ends,
+        remove it when the block fails."""
+        with self.open_area(area_rel) as area:
+            temp = area.make_temp_dir(label or final[:12])
+            try:
+                with area.child(temp) as work:
+                    work.guard = None       # inside a folder this run made under the guard
+                    yield work
+                    work.chmod_self(0o755)
+                self.place(area, temp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    area.remove(temp)
+                raise
+
     def rel_of(self, folder: Dir, name: str = "") -> str:
         base = folder.path[len(str(self.root)):].lstrip("/")
         return f"{base}/{name}".strip("/") if name else base
@@ -167,23 +185,11 @@ class Repository:
         rel = self.metadata_rel(name)
         parent_rel, _, leaf = rel.rpartition("/")
         old = self.read_json(rel, "image.json")
-        if old:
-            summary = _carry_forward(old, summary)
-        with self.open_area(parent_rel) as area:
-            temp = area.make_temp_dir(leaf)
-            try:
-                with area.child(temp) as folder:
-                    folder.write_file("manifest.json", manifest)
-                    folder.write_file("config.json", config)
-                    summary = dict(summary, written_at=time.time())
-                    folder.write_file("image.json",
-                                      json.dumps(summary, indent=1, sort_keys=True).encode())
-                    folder.chmod_self(0o755)
-                self.place(area, temp, leaf)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    area.remove(temp)
-                raise
+        summary = dict(_carry_forward(old, summary) if old else summary, written_at=time.time())
+        with self.building(parent_rel, leaf) as folder:
+            folder.write_file("manifest.json", manifest)
+            folder.write_file("config.json", config)
+            folder.write_file("image.json", json.dumps(summary, indent=1, sort_keys=True).encode())
 
     def link(self, rel: str, target: str) -> bool:
         """Point the public path ``rel`` at ``target``; True if it changed."""

@@ -1,0 +1,66 @@
+"""doit's private internals that unpacked relies on, pinned to the versions pyproject allows.
+
+If a doit release changes how it stores saved values or command-line variables, these fail
+loudly (and the allowed range in pyproject must not be widened before they pass again).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import doit
+
+from unpacked.build import doit_private
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+DODO = """
+from unpacked.build import doit_private
+
+SEEN = doit_private.command_line_variables()
+
+def _save(value):
+    return {"digest": value, "set": "mine"}
+
+def task_a():
+    return {"actions": [(_save, ["x"])], "uptodate": [False]}
+
+def task_b():
+    return {"actions": [(_save, ["y"])], "uptodate": [False]}
+
+def task_seen():
+    return {"actions": [lambda: print(sorted(SEEN.items()))], "verbosity": 2,
+            "uptodate": [False]}
+"""
+
+
+def _allowed_range() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    text = (PROJECT / "pyproject.toml").read_text()
+    low, high = re.search(r'"doit>=([\d.]+),<([\d.]+)"', text).groups()
+    return tuple(map(int, low.split("."))), tuple(map(int, high.split(".")))
+
+
+def test_installed_doit_is_in_the_pinned_range():
+    low, high = _allowed_range()
+    assert low <= tuple(doit.__version__[:len(low)]) and tuple(doit.__version__) < high
+
+
+def test_saved_values_command_line_variables_and_pruning(tmp_path):
+    (tmp_path / "dodo.py").write_text(DODO)
+    db = tmp_path / "doit.sqlite"
+    common = ["--backend", "sqlite3", "--db-file", str(db)]
+    done = subprocess.run([sys.executable, "-m", "doit", "run", *common, "a", "b", "seen",
+                           "root=/srv/x", "platforms=all"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "[('platforms', 'all'), ('root', '/srv/x')]" in done.stdout
+    values = doit_private.recorded_values(db)
+    assert values["a"] == {"digest": "x", "set": "mine"} and values["b"]["digest"] == "y"
+    keep = {"a", "seen"}
+    assert doit_private.prune(db, keep, owner="another set") == 0, "another set's rows stay"
+    assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}
+    assert doit_private.prune(db, keep, owner="mine") == 1
+    assert set(doit_private.recorded_values(db)) == keep
