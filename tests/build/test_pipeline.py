@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -243,3 +244,28 @@ def test_sigterm_aborts_local_transaction(registry, layout, site, proxy):
     assert run.returncode == 143, err
     assert snapshot() == before, "abort removed what the run added"
     assert site.revision() == 1 and not site.transaction_open()
+
+
+def test_sigterm_after_the_recipe_changed_still_aborts(registry, layout, site, proxy):
+    _, run = start_slow(registry, layout, site, proxy, unique("edited"), 2 << 20, 0.05)
+    (site.recipes / "r.yaml").write_text(          # edited mid-run: another repository
+        "version: 1\ncvmfs_repo: elsewhere.cern.ch\ninput:\n  - fedora\n")
+    os.kill(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    assert not site.transaction_open(), "the repository the run opened was aborted"
+    assert site.revision() == 0
+
+
+def test_a_second_cache_on_the_same_repository_waits_its_turn(registry, layout, site, proxy,
+                                                               tmp_path):
+    img, run = start_slow(registry, layout, site, proxy, unique("twocaches"), 2 << 20, 0.05)
+    other = dict(site.env, UNPACKED_CACHE=str(tmp_path / "other-cache"))
+    second = subprocess.run(site.doit_argv(), cwd=site.project, env=other,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 75, second.stderr
+    assert "another run" in second.stderr and "test.cern.ch" in second.stderr
+    assert site.transaction_open(), "the first run's transaction was left alone"
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert site.revision() == 1 and (site.repo_root / ".layers" / img.layers[1][7:]).is_dir()

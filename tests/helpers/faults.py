@@ -51,6 +51,10 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()      # headers and body go out in two writes: no Nagle wait
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def do_GET(self):
                 try:
                     proxy.handle(self)

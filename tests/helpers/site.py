@@ -46,8 +46,13 @@ class Site:
                         f"input:\n{lines}\n")
         return path
 
+    project = PROJECT
+
+    def doit_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "doit", *args]
+
     def doit(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "doit", *args], cwd=PROJECT, env=self.env,
+        return subprocess.run(self.doit_argv(*args), cwd=PROJECT, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen:

@@ -171,3 +171,30 @@ def test_debootstrap_rootfs_matches_umoci(registry, tmp_path, make_client, bookw
     assert os.listdir(flat / "etc/apt") == ["sources.list"]
     assert not os.path.lexists(flat / "usr/bin/perl")
     assert len(list(flat.rglob("*"))) > 5000
+
+
+LINKS = [
+    [Entry("a", b"A0"), Entry("b", b"B0"), Entry("over", b"lower file"), Entry("d/x", b"X0")],
+    [Entry("gone", kind="hardlink", link="a"), Entry("over", kind="hardlink", link="a"),
+     Entry("keep", kind="hardlink", link="b"), Entry("d/y", kind="hardlink", link="d/x")],
+    [Entry(".wh.gone", b""), Entry("b", b"B2, replaced later")],
+]
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_cross_layer_hardlinks_take_their_layers_view(registry, layout, make_client, tmp_path,
+                                                      mode):
+    """A hardlink to a lower layer is its target as the layers below it had it: a later
+    whiteout removes it, it replaces a lower file at its path, a later change of its target
+    does not reach it (as umoci applies layers)."""
+    repo_name, _ = push(registry, layout, LINKS)
+    ref = reference.parse(f"http://{registry.host}/{repo_name}:v1")
+    _, flat = convert_local(make_client(), ref, Repository(tmp_path / "cvmfs"), mode)
+    theirs = umoci_rootfs(registry.host, repo_name, "v1", tmp_path / "umoci")
+    assert differences(flat, theirs) == []
+    assert not os.path.lexists(flat / "gone")
+    assert (flat / "over").read_bytes() == b"A0"
+    assert (flat / "keep").read_bytes() == b"B0" and (flat / "b").read_bytes() == b"B2, " \
+        b"replaced later"
+    assert os.stat(flat / "over").st_ino == os.stat(flat / "a").st_ino
+    assert os.stat(flat / "d/y").st_ino == os.stat(flat / "d/x").st_ino

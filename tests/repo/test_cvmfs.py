@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 from helpers import unique
@@ -102,3 +103,119 @@ def test_crash_leftover_is_aborted_foreign_is_not_stolen(registry, layout, cvmfs
     assert "did not open" in done.stderr and "not touching it" in done.stderr
     assert len(site.calls()) == calls
     site.standin("abort", "-f", site.repo)
+
+
+def test_a_failed_publish_is_aborted_and_the_next_run_goes_on(registry, layout, cvmfs_site):
+    site = cvmfs_site
+    repo = unique("pubfail")
+    push(registry, layout, repo, "v1", [Entry("a", b"a")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    site.env["CVMFS_STANDIN_FAIL"] = "publish"
+    done = site.doit()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "injected failure" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert site.calls()[-1] == ["abort", "-f", site.repo]
+    assert not site.transaction_open(), "our marker went with the aborted transaction"
+    del site.env["CVMFS_STANDIN_FAIL"]
+    done = site.doit()
+    assert done.returncode == 0, done.stderr
+    assert "1 added" in done.stdout and site.calls()[-1][0] == "publish"
+
+
+def test_a_failed_transaction_stops_the_run_and_writes_nothing(registry, layout, cvmfs_site):
+    site = cvmfs_site
+    repo = unique("txnfail")
+    push(registry, layout, repo, "v1", [Entry("a", b"a")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    site.env["CVMFS_STANDIN_FAIL"] = "transaction"
+    done = site.doit()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "transaction not opened" in done.stdout + done.stderr
+    assert done.stdout.count("injected failure") + done.stderr.count("injected failure") <= 3
+    assert os.listdir(site.repo_root) == [], "nothing, not even a folder, was written"
+    assert not site.transaction_open()
+    assert [c[0] for c in site.calls()] == ["mkfs", "transaction"]
+
+
+def test_signals_never_cut_a_publish(registry, layout, cvmfs_site):
+    site = cvmfs_site
+    repo = unique("slowpub")
+    push(registry, layout, repo, "v1", [Entry("a", b"a")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    site.env["CVMFS_STANDIN_SLEEP"] = "publish:3"
+    run = site.start("-n", "1")
+    log = site.state / "calls.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (site.state / "spool" / site.repo /
+                                          "unpacked-transaction.json").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and '"publishing"' not in \
+            (site.state / "spool" / site.repo / "unpacked-transaction.json").read_text():
+        time.sleep(0.05)
+    time.sleep(0.5)                   # cvmfs_server publish is running now
+    os.kill(run.pid, signal.SIGINT)
+    os.kill(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert [json.loads(x)["argv"][0] for x in log.read_text().splitlines()][-1] == "publish"
+    assert json.loads(log.read_text().splitlines()[-1])["rc"] == 0, "the publish completed"
+    assert site.revision() == 2 and not site.transaction_open()
+    assert run.returncode in (130, 143), err
+
+
+@pytest.mark.parametrize("publisher", ["cvmfs", "local"])
+def test_sigkill_at_every_step_then_a_normal_run(registry, layout, tmp_path, publisher):
+    """Killed at each step of opening, publishing and recovering, then run again: the
+    repository ends as a clean run leaves it, and no public link ever names a missing flat."""
+    repo = unique("crashstep")
+    push(registry, layout, repo, "v1", [Entry("a", b"a")])
+    image = f"http://{registry.host}/{repo}:v1"
+
+    def fresh(name):
+        site = Site(tmp_path / name, publisher=publisher)
+        site.env["UNPACKED_JOBS"] = "1"
+        site.recipe([image])
+        return site
+
+    clean = fresh("clean")
+    assert clean.doit().returncode == 0
+    expected = content(clean)
+    clean.close()
+    step = 0
+    while True:
+        step += 1
+        site = fresh(f"step{step}")
+        site.env.update(UNPACKED_CRASH_AT=str(step), UNPACKED_CRASH_LOG=str(tmp_path / "log"))
+        killed = site.doit()
+        assert not dangling(site), f"a public link names a missing flat image at step {step}"
+        del site.env["UNPACKED_CRASH_AT"]
+        if killed.returncode != -9:
+            assert killed.returncode == 0, killed.stderr
+            site.close()
+            break
+        again = site.doit()
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert content(site) == expected, f"after a kill at step {step}"
+        assert not dangling(site) and not site.transaction_open()
+        site.close()
+    assert step > 4, "the hook never fired: no steps were tested"
+
+
+def content(site) -> dict:
+    """What clients see: paths, kinds, link targets and file bytes (not times)."""
+    out = {}
+    root = site.repo_root
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == ".unpacked" or rel.name in ("image.json", "layer.json"):
+            continue
+        if path.is_symlink():
+            out[str(rel)] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[str(rel)] = path.read_bytes()
+        else:
+            out[str(rel)] = "dir"
+    return out
+
+
+def dangling(site) -> list[str]:
+    return [str(p) for p in site.repo_root.rglob("*:v1") if p.is_symlink() and not p.exists()]

@@ -256,3 +256,36 @@ def test_a_flat_image_any_symlink_names_stays(registry, layout, site):
     run(site, T0 + 60 + 8.1 * DAY, code=1)
     run(site, T0 + 60 + 15.2 * DAY, code=1)
     assert d.config_digest[7:] not in flats(site)
+
+
+def test_a_public_path_another_spelling_owns_is_never_removed(registry, layout, site):
+    repo = unique("spelt")
+    push(registry, layout, repo, "v1", [Entry("s", b"s")])
+    port = registry.host.split(":")[1]
+    template = "public_path: '$(repository)$(reference)'\n"
+    site.recipe([f"http://127.0.0.1:{port}/{repo}:v1"], extra=template)
+    run(site, T0)
+    public = site.repo_root / f"{repo}:v1"
+    assert (public / "s").read_bytes() == b"s"
+    site.recipe([f"http://localhost:{port}/{repo}:v1"], extra=template)
+    done = run(site, T0 + 60)
+    assert "gc: 1 deleted" in done.stdout, done.stdout
+    assert (public / "s").read_bytes() == b"s", "the link the new spelling owns stays"
+    assert not (site.repo_root / ".metadata" / f"127.0.0.1:{port}").exists()
+    assert (site.repo_root / ".metadata" / f"localhost:{port}" / f"{repo}:v1").is_dir()
+
+
+def test_an_old_public_path_goes_when_the_recipe_moves_it(registry, layout, site):
+    repo = unique("moved")
+    push(registry, layout, repo, "v1", [Entry("m", b"m")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    run(site, T0)
+    old = site.repo_root / registry.host / f"{repo}:v1"
+    assert old.is_symlink()
+    site.recipe([f"http://{registry.host}/{repo}:v1"],
+                extra="public_path: '.singularity/$(registry)/$(repository)/$(tag)'\n")
+    done = run(site, T0 + 60)
+    new = site.repo_root / ".singularity" / registry.host / repo / "v1"
+    assert (new / "m").read_bytes() == b"m"
+    assert not os.path.lexists(old), done.stdout
+    assert "deleted public path" in done.stdout

@@ -203,7 +203,8 @@ class RegistryClient:
         chunks, total = [], 0
         try:
             while True:
-                chunk = resp.raw.read(min(CHUNK, limit + 1 - total), decode_content=True)
+                # read1: whatever has arrived, so a trickle cannot outlast the deadline
+                chunk = resp.raw.read1(min(CHUNK, limit + 1 - total), decode_content=True)
                 if not chunk:
                     break
                 total += len(chunk)

@@ -298,6 +298,6 @@ def parse_token(body: bytes, what: str) -> TokenAnswer:
         raise check.fail("token", "is not a printable header value")
     lifetime = doc.get("expires_in", 60)
     if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) \
-            or not math.isfinite(lifetime):
+            or (isinstance(lifetime, float) and not math.isfinite(lifetime)):
         raise check.fail("expires_in", "must be a number of seconds")
     return TokenAnswer(token, float(min(max(lifetime, 1), MAX_TOKEN_LIFE)))

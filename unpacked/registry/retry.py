@@ -59,15 +59,18 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, number)
 
 
-def _causes(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        for arg in getattr(exc, "args", ()):
-            if isinstance(arg, BaseException):
-                yield from _causes(arg)
-        exc = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+def _causes(exc: BaseException, depth: int = 0):
+    """An exception and what it wraps (args, ``reason``, cause, context), a bounded walk."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
+        todo += [getattr(current, "reason", None), current.__cause__, current.__context__]
 
 
 def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:

@@ -1,0 +1,135 @@
+"""The client against a hostile registry: every interaction is bounded, credentials never
+leave the registry they belong to, and what a registry says is sanitised."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers import FAST
+from helpers.hostile import Answer, HostileRegistry, dribble, dumps, endless, sha, valid_image
+
+from unpacked import reference
+from unpacked.errors import BadDocument, DigestMismatch, RegistryError, Unreachable
+from unpacked.registry.auth import Credential, only_for
+from unpacked.registry.client import MAX_TAG_PAGES, RegistryClient
+
+AMD64 = ("linux/amd64",)
+
+
+@pytest.fixture
+def hostile():
+    reg = HostileRegistry()
+    yield reg
+    reg.stop()
+
+
+def client(**kw) -> RegistryClient:
+    return RegistryClient(None, policy=FAST, timeout=5, **kw)
+
+
+def ref(host: str, repo: str = "evil/img", tag: str = "v1"):
+    return reference.parse(f"http://{host}/{repo}:{tag}")
+
+
+def test_endless_tag_pages_are_capped(hostile):
+    def page(h):                    # every page links to one more
+        n = int(h.path.rpartition("page=")[2]) if "page=" in h.path else 0
+        body = dumps({"tags": [f"t{n}"]})
+        h.send_response(200)
+        h.send_header("Link", f'</v2/evil/img/tags/list?page={n + 1}>; rel="next"')
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+    hostile.on("GET", "/tags/list", Answer(write=page))
+    with pytest.raises(RegistryError, match=f"more than {MAX_TAG_PAGES} pages"):
+        client().tags(ref(hostile.host))
+
+
+def test_tag_pages_never_leave_the_registry(hostile):
+    hostile.on("GET", "/tags/list", Answer(200, {"Link": '<http://203.0.113.9/x>; rel="next"'},
+                                           dumps({"tags": ["a"]})))
+    with pytest.raises(RegistryError, match="another host"):
+        client().tags(ref(hostile.host))
+
+
+def test_a_dribbling_manifest_meets_its_deadline(hostile):
+    manifest, _ = valid_image(b"x" * 512, sha(b"x" * 512))
+    hostile.on("GET", "/manifests/v1", Answer(write=dribble(dumps(manifest), 0.2)))
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="not received within 1.5s"):
+        RegistryClient(None, policy=FAST, timeout=5, deadline=1.5).resolve(ref(hostile.host),
+                                                                          AMD64)
+    assert time.monotonic() - started < 10
+
+
+def test_an_announced_oversized_manifest_is_not_read(hostile):
+    hostile.on("HEAD", "/manifests/v1", Answer(404))
+    hostile.on("GET", "/manifests/v1", Answer(200, {"Content-Length": str(1 << 30)}, b"{}"))
+    with pytest.raises(BadDocument, match="announced"):
+        client().get_manifest(ref(hostile.host), "v1")
+
+
+def test_an_endless_blob_stops_at_its_declared_size(hostile):
+    layer = b"\0" * 1000
+    hostile.on("GET", f"/blobs/{sha(layer)}", Answer(write=endless(1000)))
+    stream = client().open_blob(ref(hostile.host), sha(layer), 1000)
+    with pytest.raises(DigestMismatch, match="more than the 1,000 bytes announced"):
+        while stream.read(65536):
+            pass
+
+
+def test_registry_text_is_sanitised(hostile):
+    evil = "\x1b[31mred\x1b[0m\nunpacked: 99 added, 0 failed\r\x07"
+    hostile.on("*", "/manifests/", Answer(404, {"Content-Type": "application/json"},
+                                          dumps({"errors": [{"code": "MANIFEST_UNKNOWN",
+                                                             "message": evil}]})))
+    with pytest.raises(RegistryError) as exc:
+        client().resolve(ref(hostile.host), AMD64)
+    text = str(exc.value)
+    assert "MANIFEST_UNKNOWN" in text and "red" in text
+    assert not any(c in text for c in "\x1b\n\r\x07"), repr(text)
+
+
+def test_push_credentials_never_follow_an_upload_elsewhere(hostile):
+    other = HostileRegistry()
+    try:
+        def registry(h):       # Basic auth first, then an upload sent to the other host
+            if "Authorization" not in h.headers:
+                status, headers = 401, {"WWW-Authenticate": 'Basic realm="r"'}
+            elif h.command == "HEAD":
+                status, headers = 404, {}
+            else:
+                status = 202
+                headers = {"Location": f"http://{other.host}/v2/thin/x/blobs/uploads/u1"}
+            h.send_response(status)
+            for k, v in {**headers, "Content-Length": "0"}.items():
+                h.send_header(k, v)
+            h.end_headers()
+        hostile.on("*", "/", Answer(write=registry))
+        other.on("*", "/", Answer(401, {"WWW-Authenticate": 'Basic realm="steal"'}))
+        secret = Credential("pusher", "s3cret")
+        c = client(credentials=only_for(hostile.host, secret))
+        with pytest.raises(RegistryError):
+            c.push_blob(ref(hostile.host, "thin/x"), b"data", sha(b"data"))
+        assert any("Authorization" in h for _, _, h in hostile.requests), "the registry got it"
+        assert other.requests, "the upload went to the other host"
+        assert not any("Authorization" in h for _, _, h in other.requests), \
+            "credentials were sent to a host the registry pointed at"
+    finally:
+        other.stop()
+
+
+def test_unresolvable_names_fail_at_once_without_retries():
+    started = time.monotonic()
+    with pytest.raises(Unreachable) as exc:
+        client().resolve(ref("no-such-registry.invalid"), AMD64)
+    assert "cannot reach no-such-registry.invalid: name does not resolve" in str(exc.value)
+    assert time.monotonic() - started < 5
+
+
+def test_tls_to_a_plain_http_registry_says_what_to_do(hostile):
+    with pytest.raises(Unreachable) as exc:
+        client().resolve(reference.parse(f"https://{hostile.host}/evil/img:v1"), AMD64)
+    assert f"use http://{hostile.host}/" in str(exc.value)
+    assert len(hostile.requests) == 0 or all(m != "GET" for m, _, _ in hostile.requests)
