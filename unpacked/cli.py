@@ -127,9 +127,9 @@ def gc_command(dry_run: bool, project: Path | None) -> None:
         click.echo(f"error: {line}", err=True)
     unresolved = [i.name for i in plan.images if i.resolved is None]
     if unresolved:
-        click.echo(f"note: {len(unresolved)} image(s) have no resolved state yet (e.g. "
-                   f"{unresolved[0]}): run doit first; they count as wanted, never dropped",
-                   err=True)
+        click.echo(f"note: {log.count(len(unresolved), 'image')} without a resolved state "
+                   f"yet (e.g. {unresolved[0]}): run doit first; wanted images are never "
+                   "dropped", err=True)
     for repo in plan.repos:
         root = ctx.settings.repo_root / repo
         if not root.is_dir():

@@ -17,6 +17,15 @@ def interactive() -> bool:
     return sys.stderr.isatty() and os.environ.get("CI") is None
 
 
+def count(n: int, word: str) -> str:
+    """``1 entry``, ``2 entries``, ``1 image``, ``0 images``."""
+    if n == 1:
+        return f"{n} {word}"
+    plural = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" \
+        else word + "s"
+    return f"{n} {plural}"
+
+
 def stamp() -> str:
     return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 

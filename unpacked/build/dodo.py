@@ -54,6 +54,17 @@ def task_names(argv: list[str]) -> list[str]:
     return names
 
 
+FORGET = """\
+doit forget needs to be told what to forget (it changes no file; the next run redoes it):
+  doit forget layer:<hex>       the layer is downloaded and unpacked again
+  doit forget flat:<hex>        the flat image is built again
+  doit forget image:<name>      the image is flattened and linked again
+  doit forget thin:<name>       the thin image is pushed again
+  doit forget --all             everything: every layer is ingested again
+`doit list --all` names the tasks.
+"""
+
+
 def fail(exc: UnpackedError) -> SystemExit:
     for line in exc.messages():
         sys.stderr.write(f"unpacked: {line}\n")
@@ -64,6 +75,9 @@ def load(argv: list[str] | None = None) -> dict:
     """The namespace dodo.py exports for this invocation of doit."""
     argv = sys.argv if argv is None else argv
     command = command_of(argv)
+    if command == "forget" and not task_names(argv[1:]) and "--all" not in argv:
+        sys.stdout.write(FORGET)
+        raise SystemExit(0)
     session = None
     try:
         variables = doit_private.command_line_variables()

@@ -166,8 +166,8 @@ class Reporter(ConsoleReporter):
         seconds = time.monotonic() - session.started
         line = (f"unpacked: {len(added)} added, {len(updated)} updated, "
                 f"{len(self.unchanged)} unchanged, {len(self.failed)} failed "
-                f"({_count(self.built['layer'], 'layer')} ingested, "
-                f"{_count(self.built['flat'], 'flat image')} built) in {seconds:.1f}s")
+                f"({logs.count(self.built['layer'], 'layer')} ingested, "
+                f"{logs.count(self.built['flat'], 'flat image')} built) in {seconds:.1f}s")
         if session.interrupted:
             line += f"; interrupted by {session.interrupted}, transaction aborted"
         self.write(line + "\n")
@@ -193,6 +193,3 @@ class Reporter(ConsoleReporter):
                 more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
                 self.write(f"  failed thin {sorted(names)[0]}{more}: {reason}\n")
 
-
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"

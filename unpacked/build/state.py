@@ -28,8 +28,16 @@ class ReadOnlyCache:
     """``get`` on a diskcache folder without writing anything."""
 
     def __init__(self, folder: Path):
-        self.disk = diskcache.Disk(str(folder))
-        self.db = sqlite3.connect(f"file:{folder / 'cache.db'}?mode=ro", uri=True)
+        path = folder / "cache.db"
+        try:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            self.db.execute("SELECT 1 FROM Cache LIMIT 1")
+        except sqlite3.OperationalError:
+            # a WAL database on read-only storage: read it as immutable (a listing's moment)
+            self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        settings = dict(self.db.execute("SELECT key, value FROM Settings"))
+        self.disk = diskcache.Disk(str(folder), min_file_size=settings["disk_min_file_size"],
+                                   pickle_protocol=settings["disk_pickle_protocol"])
 
     def get(self, key, default=None):
         db_key, raw = self.disk.put(key)
@@ -71,7 +79,7 @@ def open_cache(folder: Path, writable: bool = True):
         return None
     try:
         return ReadOnlyCache(folder)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, KeyError) as exc:
         raise UnpackedError(f"cannot read the cache {folder}: {exc}") from None
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 
+from ..log import count
 from ..repo.layout import FLAT, LAYERS, METADATA, hex_of, public_target
 from . import actions
 from .context import Context
@@ -111,11 +112,14 @@ class NothingDue:
 
     def __init__(self, ctx: Context, repo: str):
         self.ctx, self.repo, self.why = ctx, repo, "not checked"
+        self.answer: bool | None = None       # worked out once (the group row asks too)
 
     def __call__(self, task, values) -> bool:
         from ..errors import UnpackedError
         from ..repo.gc import Clocks
         from .plan import collection
+        if self.answer is not None:
+            return self.answer
         try:
             clocks = Clocks(self.ctx.settings.cache_dir, self.repo).load()
             result = collection(self.ctx, self.ctx.plan, self.repo, clocks)
@@ -124,7 +128,8 @@ class NothingDue:
             return True
         self.why = (f"{len(result.due)} due, {len(result.pending)} pending, "
                     f"{len(result.waiting)} in their grace period")
-        return not result.due and not result.blocked
+        self.answer = not result.due and not result.blocked
+        return self.answer
 
     def __repr__(self) -> str:
         return self.why
@@ -182,7 +187,7 @@ class Tasks:
                 "actions": [(actions.ingest, [self.ctx, sources, repos])],
                 "uptodate": self._uptodate(ok, why),
                 "setup": [self._txn(r) for r in repos],
-                "doc": f"{max(first.size, 0):,} bytes, used by {len(entry.images)} image(s)",
+                "doc": f"{max(first.size, 0):,} bytes, used by {count(len(entry.images), 'image')}",
                 "meta": {"status": why, "digest": digest, "diff_id": first.diff_id,
                          "size": first.size, "media_type": first.media_type,
                          "images": entry.images[:20], "folders": dirs},
@@ -217,8 +222,8 @@ class Tasks:
                 "task_dep": [f"layer:{hex_of(x.digest)}" for x in image.layers],
                 "uptodate": self._uptodate(ok, why),
                 "setup": [self._txn(r) for r in repos],
-                "doc": f"{len(image.layers)} layers, {image.platform}, "
-                       f"{len(entry.images)} image(s)",
+                "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
+                       f"{count(len(entry.images), 'image')}",
                 "meta": {"status": why, "config": config, "platform": image.platform,
                          "images": [i.name for i in entry.images][:20],
                          "layers": [x.digest for x in image.layers], "folders": dirs,
@@ -333,13 +338,16 @@ class Tasks:
     def task_publish(self):
         """Publish each repository's transaction (nothing when the run changed nothing)."""
         plan = self.ctx.plan
-        for repo in plan.repos:
+        checks = [TransactionClosed(self.ctx, repo) for repo in plan.repos]
+        yield {"name": None, "doc": "Publish each repository's transaction.",
+               "uptodate": checks}
+        for repo, closed in zip(plan.repos, checks, strict=True):
             names = sorted({i.name for i in plan.images if i.repo == repo})
             gc_dep = [f"gc:{repo}"] if self.collect else []
             yield {"name": repo, "actions": [(actions.publish, [self.ctx, repo])],
                    "task_dep": [f"image:{n}" for n in names] + gc_dep,
-                   "uptodate": [TransactionClosed(self.ctx, repo)],
-                   "doc": f"publish {repo} ({len(names)} images)", "verbosity": 2}
+                   "uptodate": [closed],
+                   "doc": f"publish {repo} ({count(len(names), 'image')})", "verbosity": 2}
 
     def task_thin(self):
         """Push thin images (thin.json naming CVMFS paths) for recipes with output_format."""
@@ -366,10 +374,13 @@ class Tasks:
     def task_gc(self):
         """Delete unreferenced images, flat images and layers past their grace period."""
         plan, s = self.ctx.plan, self.ctx.settings
-        for repo in plan.repos:
+        checks = [NothingDue(self.ctx, repo) for repo in plan.repos]
+        yield {"name": None, "doc": "Delete unreferenced images, flat images and layers past "
+               "their grace period.", "uptodate": checks}
+        for repo, due in zip(plan.repos, checks, strict=True):
             names = sorted({i.name for i in plan.images if i.repo == repo})
             yield {"name": repo, "actions": [(actions.collect, [self.ctx, repo])],
                    "task_dep": [f"image:{n}" for n in names],
-                   "uptodate": [NothingDue(self.ctx, repo)], "setup": [self._txn(repo)],
+                   "uptodate": [due], "setup": [self._txn(repo)],
                    "doc": f"garbage collection of {repo} (grace {s.gc_grace:g} days, at most "
                           f"{s.gc_max_deletions} deletions a run)", "verbosity": 2}

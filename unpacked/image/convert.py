@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ImageError, RegistryError
+from ..log import count
 from ..reference import ImageRef
 from ..registry.client import RegistryClient
 from ..registry.resolved import Layer, PlatformImage
@@ -95,8 +96,8 @@ def _ingest_from(client: RegistryClient, source: tuple[ImageRef, Layer], claims:
         stream.close()
     seconds = max(time.monotonic() - started, 1e-6)
     info["seconds"] = round(seconds, 3)
-    log.info("layer %s: %s in %.1fs (%s/s), %d entries", layer.digest[7:19],
-             human(stream.received), seconds, human(stream.received / seconds), info["entries"])
+    log.info("layer %s: %s in %.1fs (%s/s), %s", layer.digest[7:19], human(stream.received),
+             seconds, human(stream.received / seconds), count(info["entries"], "entry"))
     return info
 
 
@@ -131,8 +132,9 @@ def build_flat(repo: Repository, name: str, image: PlatformImage, mode: str = "h
                 out.remove(CATALOG)
                 os.close(out.create(CATALOG, 0o644))
     stats["seconds"] = round(time.monotonic() - started, 3)
-    log.info("flat %s: %d entries, %d files (%s) in %.1fs", image.config_digest[7:19],
-             stats["entries"], stats["files"], mode, stats["seconds"])
+    log.info("flat %s: %s, %s (%s) in %.1fs", image.config_digest[7:19],
+             count(stats["entries"], "entry"), count(stats["files"], "file"), mode,
+             stats["seconds"])
     return stats
 
 

@@ -1,0 +1,45 @@
+"""The resolved-state cache, and its read-only view for a reader of cache/ (diskcache's table
+layout, pinned here to the diskcache versions pyproject allows)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import diskcache
+
+from unpacked.build.state import ReadOnlyCache, State
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def test_diskcache_is_in_the_pinned_range():
+    low, high = re.search(r'"diskcache>=([\d.]+),<([\d.]+)"',
+                          (PROJECT / "pyproject.toml").read_text()).groups()
+    version = tuple(int(x) for x in diskcache.__version__.split(".")[:2])
+    assert tuple(map(int, low.split(".")))[:2] <= version < tuple(map(int, high.split(".")))
+
+
+def test_the_read_only_view_reads_what_diskcache_wrote(tmp_path):
+    cache = diskcache.Cache(str(tmp_path / "c"))
+    cache.set("small", {"a": [1, 2]})
+    cache.set("large", "x" * 200_000)          # stored in a file beside the database
+    cache.set("gone", "soon", expire=0.01)
+    cache.set(("tuple", 1), b"raw bytes")
+    cache.close()
+    time.sleep(0.05)
+    view = ReadOnlyCache(tmp_path / "c")
+    assert view.get("small") == {"a": [1, 2]}
+    assert view.get("large") == "x" * 200_000
+    assert view.get("gone") is None, "expired values are absent"
+    assert view.get(("tuple", 1)) == b"raw bytes"
+    assert view.get("absent", "default") == "default"
+    assert "small" in view and "absent" not in view
+
+
+def test_a_cache_entry_that_does_not_load_is_absent(tmp_path):
+    state = State(tmp_path)
+    state.cache.set(state._key("resolved", "r/x:1"), {"name": "r/x:1", "images": "garbage"})
+    state.cache.set(state._key("tags", "r/x:*"), "not a list")
+    assert state.resolved("r/x:1") is None and state.tags("r/x:*") is None
