@@ -52,3 +52,26 @@ def test_manifest_prints_resolved_image(registry, layout, tmp_path):
     done = run("manifest", f"http://{registry.host}/{repo}:missing", env=env)
     assert done.returncode == 1 and "MANIFEST_UNKNOWN" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_manifest_says_what_an_image_offers(registry, layout, tmp_path):
+    import os
+
+    from helpers.images import Entry, skopeo_copy, tar_bytes
+    env = {**os.environ, "HOME": str(tmp_path), "UNPACKED_CACHE": str(tmp_path / "cache")}
+    single = unique()
+    push_simple(registry, layout, single)
+    done = run("manifest", "--platform", "linux/arm64", f"http://{registry.host}/{single}:v1",
+               env=env)
+    assert done.returncode == 1
+    assert "a single-platform image for linux/amd64, not linux/arm64" in done.stderr
+    multi = unique("offers")
+    amd = layout.image("a", [tar_bytes([Entry("x", b"a")])], tagged=False)
+    arm = layout.image("b", [tar_bytes([Entry("x", b"b")])], arch="arm64", variant="v8",
+                       tagged=False)
+    layout.index("v1", [amd, arm])
+    skopeo_copy(layout.path, "v1", f"{registry.host}/{multi}:v1", all_images=True)
+    done = run("manifest", "--platform", "all", f"http://{registry.host}/{multi}:v1", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "offers:    linux/amd64, linux/arm64/v8" in done.stdout
+    assert done.stdout.count("platform:  ") == 2

@@ -86,6 +86,7 @@ def manifest(image: str, platforms: tuple[str, ...], as_json: bool,
         return
     click.echo(f"image:     {resolved.name}")
     click.echo(f"tag:       {resolved.top_digest} ({resolved.top_media_type})")
+    click.echo(f"offers:    {', '.join(resolved.offered)}")
     for missing in resolved.missing:
         click.echo(f"not offered: {missing}")
     for image_ in resolved.images:

@@ -285,14 +285,16 @@ class RegistryClient:
                 raise NotFound(f"{what}: no image for {', '.join(wanted)} in index {digest} "
                                f"(offers: {offers})")
             images = [self._platform_image(ref, *self._child(ref, e)) for e in entries]
+            offered = platforms.offered(index)
         else:
             image = self._platform_image(ref, body, media_type, digest)
             images, missing = self._single(image, wanted)
             if not images:
                 raise NotFound(f"{what}: a single-platform image for {image.platform}, not "
                                f"{', '.join(wanted)}")
+            offered = [image.platform]
         return Resolved(ref.name, top, media_type, tuple(wanted), images, tuple(missing),
-                        time.time())
+                        time.time(), tuple(offered))
 
     def _child(self, ref: ImageRef, entry: docs.Descriptor) -> tuple[bytes, str, str]:
         body, media_type, digest = self.get_manifest(ref, entry.digest)

@@ -55,6 +55,7 @@ class Resolved:
     images: list[PlatformImage]    # those found, in the order asked
     missing: tuple[str, ...] = ()  # platforms asked for that the index does not offer
     resolved_at: float = 0.0
+    offered: tuple[str, ...] = ()  # every platform the tag offers
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,4 +76,5 @@ class Resolved:
                            for layer in x["layers"]]
             images.append(PlatformImage(**x))
         return cls(d["name"], d["top_digest"], d["top_media_type"], tuple(d["wanted"]), images,
-                   tuple(d.get("missing") or ()), d.get("resolved_at", 0.0))
+                   tuple(d.get("missing") or ()), d.get("resolved_at", 0.0),
+                   tuple(d.get("offered") or ()))
