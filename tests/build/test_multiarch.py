@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 
 import pytest
-from helpers import unique
+from helpers import need, unique
 from helpers.images import Entry, skopeo_copy, tar_bytes
 from helpers.registry import PASSWORD, USER
 from helpers.site import Site
@@ -198,8 +197,7 @@ def test_thin_images_of_every_platform_and_an_index(registry, layout, site, basi
 
 
 def test_a_real_runtime_starts_the_amd64_flat_image(registry, layout, site, bookworm, tmp_path):
-    if not shutil.which("podman") or not shutil.which("runc"):
-        pytest.skip("needs podman and runc (apt-get install podman runc)")
+    need("podman", "runc")
     repo = unique("podman")
     base = bookworm.read_bytes()
     amd = layout.image("amd", [base, tar_bytes([Entry("arch", b"amd64")])], tagged=False)
