@@ -8,6 +8,7 @@ act on is printed by ``main`` as one line per problem with its exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -107,6 +108,68 @@ def _show_platform(image) -> None:
         if value:
             shown = list(value) if isinstance(value, tuple) else value
             click.echo(f"  {key + ':':<12}{json.dumps(shown)}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The recipe whose repository the images go into (default: every recipe "
+              "that names them).")
+@click.option("--adhoc", is_flag=True, help="Convert an image no recipe names (into the only "
+              "recipe's repository, or --recipe's); the next run drops it again.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds to wait when another run holds the repository (default: none).")
+@project_option
+def convert(images: tuple[str, ...], recipe: Path | None, adhoc: bool, wait: float,
+            project: Path | None) -> None:
+    """Convert IMAGES now, through the same tasks, locks and transaction as a run, without
+    garbage collection (DUCC's convert-single-image); prints each public path."""
+    from .build.single import convert as convert_images
+    code, publics = convert_images(_settings(project), list(images), recipe, adhoc, wait)
+    for path in publics:
+        click.echo(path)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1:8088", show_default=True,
+              help="host:port to listen on.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Accept notifications without the shared secret (tests only).")
+@project_option
+def listen(bind: str, insecure_no_auth: bool, project: Path | None) -> None:
+    """Convert images seconds after they are pushed: accept registry notifications (the
+    distribution registry's and Harbor's), queue what the recipes want, convert it."""
+    import signal
+
+    from .service.listen import serve
+    settings_ = _settings(project)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):      # Ctrl-C: a clean stop
+        serve(settings_, bind, settings_.project, insecure_no_auth)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Every image as JSON (for scripts).")
+@project_option
+def status(as_json: bool, project: Path | None) -> None:
+    """Every image the recipes want: its state, digests, public path and last failure, and
+    how the last run went (offline: reads the cache and the repository, changes nothing)."""
+    from .build.status import images, read_status
+    ctx = _context(project)
+    ctx.writable = False
+    found = images(ctx)
+    last = read_status(ctx.settings.cache_dir)
+    if as_json:
+        click.echo(json.dumps({"last_run": last, "images": found}, indent=1, sort_keys=True))
+        return
+    if last:
+        click.echo(f"last run: exit {last.get('exit_code')} after "
+                   f"{last.get('duration_s', 0):.1f}s; counts {last.get('counts', {})}")
+    for image in found:
+        why = f"  ({image['failure']})" if image["failure"] and image["state"] != "published" \
+            else ""
+        click.echo(f"{image['state']:<11} {image['name']}{why}")
 
 
 @cli.command("gc")

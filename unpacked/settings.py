@@ -55,6 +55,11 @@ class Settings:
     #                                     and never more than a tenth of the published ones
     gc_prune_gone: bool = False         # remove images whose tag is gone upstream
     anonymous: tuple[str, ...] = ()     # registries thin images are pushed to without login
+    metrics_file: Path | None = None    # a Prometheus textfile written after every run
+    notification_file: Path | None = None   # DUCC's JSON-lines notifications, appended
+    listen_secret: str | None = None    # the shared secret registry notifications must carry
+    listen_secret_file: Path | None = None  # ... or the file that holds it
+    listen_debounce: float = 2.0        # seconds of quiet before queued images are converted
     now: float = 0.0                    # the clock of garbage collection (tests); 0: real time
     verbosity: int = -1                 # 0 warnings, 1 progress, 2 debug; -1: by terminal
 
@@ -167,6 +172,8 @@ def _convert(name: str, text: str) -> object:
     path = lambda: Path(text).expanduser().absolute()       # noqa: E731
     converters = {
         "recipes": path, "root": path, "cache": path, "cvmfs_spool": path,
+        "metrics_file": path, "notification_file": path, "listen_secret_file": path,
+        "listen_debounce": lambda: _number(name, text, float, 0),
         "publisher": lambda: _choice(name, text, ("local", "cvmfs")),
         "flatten": lambda: _choice(name, text, ("hardlink", "copy")),
         "platforms": lambda: _platforms(text),

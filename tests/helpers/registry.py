@@ -115,7 +115,9 @@ class TokenIssuer:
 class Registry:
     """One running registry; ``host`` is ``127.0.0.1:PORT``."""
 
-    def __init__(self, folder: Path, auth: str = "none"):
+    def __init__(self, folder: Path, auth: str = "none",
+                 notify: tuple[str, str] | None = None):
+        """``notify``: (url, Authorization header) of a notification endpoint."""
         folder.mkdir(parents=True, exist_ok=True)
         self.auth, self.port = auth, free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -137,6 +139,10 @@ class Registry:
             config["auth"] = {"token": {"realm": self.issuer.url, "service": self.issuer.service,
                                         "issuer": self.issuer.issuer,
                                         "rootcertbundle": str(self.issuer.cert_path)}}
+        if notify:
+            config["notifications"] = {"endpoints": [{
+                "name": "listener", "url": notify[0], "headers": {"Authorization": [notify[1]]},
+                "timeout": "2s", "threshold": 3, "backoff": "1s"}]}
         (folder / "config.yml").write_text(json.dumps(config))
         self.log = open(folder / "registry.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(["docker-registry", "serve", str(folder / "config.yml")],

@@ -19,6 +19,7 @@ from doit.exceptions import TaskFailed
 from ..errors import ImageError, Unauthorized, UnpackedError, sanitize
 from ..reference import parse
 from ..registry.resolved import Layer, PlatformImage, Resolved
+from . import notify
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ def ingest(ctx: Context, sources: list[tuple[str, dict]], repos: list[str]) -> d
     pairs = [(parse(ref), Layer(**{**layer, "urls": tuple(layer["urls"])}))
              for ref, layer in sources]
     options = Options(ctx.settings.foreign_layers, ctx.settings.max_layer_bytes)
+    digest, received = pairs[0][1].digest, 0
     for repo in repos:
-        ingest_layer(ctx.client, pairs, ctx.publisher(repo).repository(), options)
-    return {"digest": pairs[0][1].digest}
+        with notify.step(ctx.settings.notification_file, "layer_conversion",
+                         image=pairs[0][0].name, layer_digest=digest,
+                         size_bytes=pairs[0][1].size):
+            info = ingest_layer(ctx.client, pairs, ctx.publisher(repo).repository(), options)
+        received += info.get("received", 0)
+    return {"digest": digest, "bytes": received}
 
 
 @step
@@ -87,7 +93,10 @@ def flatten(ctx: Context, name: str, config: str, repos: list[str], key: str) ->
     from ..image.convert import build_flat
     image = _image(ctx, name, config)
     for repo in repos:
-        build_flat(ctx.publisher(repo).repository(), name, image, ctx.settings.flatten_mode)
+        with notify.step(ctx.settings.notification_file, "flat_conversion", image=name,
+                         private_path=f".flat/{config[7:]}"):
+            build_flat(ctx.publisher(repo).repository(), name, image,
+                       ctx.settings.flatten_mode)
     return {"key": key}
 
 
@@ -142,6 +151,9 @@ def link(ctx: Context, name: str, targets: list[tuple[str, str, str]], variant: 
                                                             public), public, target)
         change = "added" if before is None else "updated" if moved else "rewritten"
         note_change(ctx, repo, f"{change} {name}")
+        notify.emit(ctx.settings.notification_file, "publish_flat_image", image=name,
+                    public_path=public, private_path=f".flat/{first.config_digest[7:]}",
+                    status="ok")
         log.info("%s %s -> %s", change, public, target)
         changes.append(change)
     return {"manifest": resolved.top_digest, "change": changes[0] if changes else ""}

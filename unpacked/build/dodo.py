@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from .. import log as logs
@@ -98,9 +99,21 @@ def load(argv: list[str] | None = None) -> dict:
         return {"DOIT_CONFIG": doit_config(ctx, session), **tasks.namespace()}
     except Interrupted:
         sys.stderr.write(f"unpacked: interrupted by {session.interrupted} while starting\n")
-        raise SystemExit(EXIT_SIGNAL.get(session.interrupted or "", 130)) from None
+        code = EXIT_SIGNAL.get(session.interrupted or "", 130)
+        _record_start_failure(session, code, "interrupted while starting")
+        raise SystemExit(code) from None
     except UnpackedError as exc:
+        _record_start_failure(session, exc.exit_code, str(exc))
         raise fail(exc) from None
+
+
+def _record_start_failure(session: Session | None, code: int, message: str) -> None:
+    """A run that ended before its tasks still says so in status.json and the metrics."""
+    if session is None:
+        return
+    now = time.time()
+    session.report({"start": now, "end": now, "duration_s": 0.0, "exit_code": code,
+                    "counts": {}, "failures": {}, "errors": message.splitlines()})
 
 
 def doit_config(ctx: Context, session: Session | None) -> dict:

@@ -48,6 +48,8 @@ class Reporter(ConsoleReporter):
         self.gc_blocked: list[str] = []
         self.task_names: set[str] = set()
         self.published = False
+        self.bytes_downloaded = 0
+        self.began = time.time()
 
     def write(self, text: str) -> None:
         if not self.interactive:
@@ -79,6 +81,7 @@ class Reporter(ConsoleReporter):
             self.changes[name] = values.get("change") or "rewritten"
         elif kind in self.built:
             self.built[kind] += 1
+            self.bytes_downloaded += values.get("bytes") or 0
         elif kind == "thin":
             self.thin_pushed += len(values.get("pushed") or [])
         elif kind == "publish":
@@ -126,7 +129,29 @@ class Reporter(ConsoleReporter):
         finally:
             session.release()
         self._summary()
-        raise SystemExit(self._exit_code())
+        code = self._exit_code()
+        session.report(self.record(code))
+        raise SystemExit(code)
+
+    def record(self, code: int) -> dict:
+        """What ``status.json`` and the metrics say about this run."""
+        states = {"added": 0, "updated": 0}
+        for change in self.changes.values():
+            states["added" if change == "added" else "updated"] += 1
+        counts = {**states, "unchanged": len(self.unchanged), "failed": len(self.failed),
+                  "gone": len(self.gone), "layers_ingested": self.built["layer"],
+                  "flat_built": self.built["flat"], "bytes_downloaded": self.bytes_downloaded,
+                  "gc_deleted": len(self.gc["deleted"]), "gc_pending": len(self.gc["pending"]),
+                  "thin_pushed": self.thin_pushed, "thin_failed": len(self.thin_failed),
+                  "failures": len(self.failed) + len(self.thin_failed)}
+        return {"start": self.began, "end": time.time(),
+                "duration_s": round(time.time() - self.began, 3), "exit_code": code,
+                "interrupted": self.session.interrupted, "counts": counts,
+                "failures": dict(sorted(self.failed.items())),
+                "thin_failures": dict(sorted(self.thin_failed.items())),
+                "gone": dict(sorted(self.gone.items())),
+                "errors": self.session.ctx.recipes.problems + self.other_failures
+                + self.gc["errors"] + self.gc_blocked}
 
     def _exit_code(self) -> int:
         if self.session.interrupted:

@@ -18,9 +18,10 @@ import time
 
 from ..errors import EXIT_SIGNAL, UnpackedError
 from ..repo.lock import Lock
-from . import doit_private
+from . import doit_private, notify
 from .context import Context
 from .refresh import Refresher
+from .status import record_run, write_metrics
 
 log = logging.getLogger("unpacked.run")
 
@@ -30,8 +31,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Session:
-    def __init__(self, ctx: Context, full: bool):
+    def __init__(self, ctx: Context, full: bool, wait: float = 0.0):
         self.ctx = ctx
+        self.wait = wait                # seconds to wait for a lock another run holds
         self.full = full                # no task named on the command line: GC, row pruning
         self.started = time.monotonic()
         self.interrupted: str | None = None
@@ -43,6 +45,7 @@ class Session:
     # -- start --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        notify.emit(self.ctx.settings.notification_file, "start_ducc")
         try:
             self._lock(Lock(self.ctx.settings.cache_dir / "run.lock", "this cache"))
             for repo in self.repos:
@@ -59,7 +62,7 @@ class Session:
             raise
 
     def _lock(self, lock: Lock) -> None:
-        lock.acquire()
+        lock.acquire(self.wait)
         self.locks.append(lock)
 
     def on_signal(self, signum, frame) -> None:
@@ -137,6 +140,20 @@ class Session:
         if self.full and not self.ctx.recipes.broken:
             doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite", task_names,
                                self.ctx.recipe_set_id)
+
+    def report(self, record: dict) -> None:
+        """status.json, the metrics file and DUCC's end notification (never fatal)."""
+        s = self.ctx.settings
+        record["repositories"] = {repo: {"revision": self.ctx.publisher(repo).revision()}
+                                  for repo in self.repos}
+        try:
+            status = record_run(s.cache_dir, record)
+            if s.metrics_file:
+                write_metrics(s.metrics_file, status)
+        except OSError as exc:
+            log.warning("status not written: %s", exc.strerror or exc)
+        notify.emit(s.notification_file, "end_ducc", time_elapsed_s=record["duration_s"],
+                    status="ok" if record["exit_code"] == 0 else "error")
 
     def release(self) -> None:
         for lock in reversed(self.locks):

@@ -96,6 +96,7 @@ def _ingest_from(client: RegistryClient, source: tuple[ImageRef, Layer], claims:
         stream.close()
     seconds = max(time.monotonic() - started, 1e-6)
     info["seconds"] = round(seconds, 3)
+    info["received"] = stream.received
     log.info("layer %s: %s in %.1fs (%s/s), %s", layer.digest[7:19], human(stream.received),
              seconds, human(stream.received / seconds), count(info["entries"], "entry"))
     return info

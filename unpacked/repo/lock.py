@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from ..errors import Busy, UnpackedError
@@ -19,8 +20,8 @@ class Lock:
         self.path, self.what = Path(path), what
         self.fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock or raise Busy naming who holds it (never waits)."""
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock or raise Busy naming who holds it (waiting up to ``wait`` seconds)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -30,12 +31,18 @@ class Lock:
         except OSError as exc:
             raise UnpackedError(f"cannot take the lock {self.path}: "
                                 f"{exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(f"another run (pid {self.holder()}) is working on {self.what} "
-                       f"({self.path}); exiting without changes") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.25)
+                    continue
+                os.close(fd)
+                raise Busy(f"another run (pid {self.holder()}) is working on {self.what} "
+                           f"({self.path}); exiting without changes") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd

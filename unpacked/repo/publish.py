@@ -212,6 +212,13 @@ class CvmfsPublisher(Publisher):
             raise TransactionError(f"{' '.join(argv)} failed ({done.returncode}): "
                                    f"{sanitize(said[-1]) if said else 'no message'}")
 
+    def revision(self) -> int:
+        """The mounted repository's revision (CVMFS's ``user.revision`` attribute), or 0."""
+        try:
+            return int(os.getxattr(self.root, "user.revision"))
+        except (OSError, ValueError):
+            return 0
+
     def _foreign(self) -> bool:
         return (self.spool / "in_transaction.lock").exists()
 

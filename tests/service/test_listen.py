@@ -1,0 +1,215 @@
+"""``unpacked listen`` with a real ``docker-registry`` sending its notifications to it: a push
+reaches the repository without any cron run, bursts are coalesced, a crash loses nothing, and
+the HTTP side refuses what it must."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import need, unique
+from helpers.images import Entry, Layout, skopeo_copy, tar_bytes
+from helpers.registry import Registry, free_port
+from helpers.site import Site
+
+SECRET = "listen-s3cret"
+
+
+class Listener:
+    def __init__(self, site: Site, debounce: float = 0.5):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.site = site
+        self.debounce = debounce
+        self.start()
+
+    def start(self) -> None:
+        env = dict(self.site.env, UNPACKED_LISTEN_SECRET=SECRET,
+                   UNPACKED_LISTEN_DEBOUNCE=str(self.debounce), UNPACKED_VERBOSITY="1")
+        self.log = open(self.site.base / "listen.log", "a")  # noqa: SIM115 - lives with it
+        self.proc = subprocess.Popen([sys.executable, "-m", "unpacked", "listen", "--bind",
+                                      f"127.0.0.1:{self.port}", "--project",
+                                      str(self.site.base)], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=self.site.base)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError((self.site.base / "listen.log").read_text())
+
+    def post(self, body: bytes, secret: str | None = SECRET) -> int:
+        headers = {"Content-Type": "application/vnd.docker.distribution.events.v1+json"}
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        request = urllib.request.Request(f"{self.url}/events", data=body, headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    need("docker-registry", "skopeo")
+    site = Site(tmp_path / "site")
+    site.env["UNPACKED_RETRY_ATTEMPTS"] = "2"
+    listener = Listener(site)
+    registry = Registry(tmp_path / "registry", notify=(f"{listener.url}/events",
+                                                        f"Bearer {SECRET}"))
+    yield site, listener, registry
+    listener.stop()
+    registry.stop()
+    site.close()
+
+
+def wait_for(predicate, seconds: float = 60) -> float:
+    started = time.time()
+    while time.time() - started < seconds:
+        if predicate():
+            return time.time() - started
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def push(registry, layout: Layout, repo: str, tag: str, content: bytes) -> None:
+    layout.image(tag, [tar_bytes([Entry("content", content)])])
+    skopeo_copy(layout.path, tag, f"{registry.host}/{repo}:{tag}")
+
+
+def idle(listener) -> bool:
+    """Every conversion the listener started has ended (its status is written)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"{listener.url}/metrics", timeout=5).read().decode()
+    metrics = {m.name: m.samples[0].value for m in text_string_to_metric_families(text)
+               if m.name in ("unpacked_listen_runs", "unpacked_listen_queue_length")}
+    return metrics["unpacked_listen_queue_length"] == 0 and \
+        metrics["unpacked_listen_runs"] == runs(listener.site)
+
+
+def runs(site) -> int:
+    try:
+        return json.loads((site.cache / "status.json").read_text())["totals"]["runs"]
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def test_a_push_reaches_the_repository_without_cron(setup, tmp_path):
+    site, listener, registry = setup
+    layout = Layout(tmp_path / "layout")
+    app = unique("listen")
+    site.recipe([f"http://{registry.host}/{app}:*"])
+    public = site.repo_root / registry.host
+    seconds = []
+    for i in range(5):
+        started = time.time()
+        push(registry, layout, app, f"v{i}", f"version {i}".encode())
+        wait_for(lambda i=i: (public / f"{app}:v{i}" / "content").exists())
+        seconds.append(time.time() - started)
+    print(f"push to published: median {statistics.median(seconds):.2f}s of {seconds}")
+    push(registry, layout, app, "v0", b"moved")
+    wait_for(lambda: (public / f"{app}:v0" / "content").read_bytes() == b"moved")
+    wait_for(lambda: idle(listener))
+    before = runs(site)
+    other = unique("unwanted")
+    push(registry, layout, other, "v1", b"not wanted")
+    time.sleep(3 * listener.debounce + 1)
+    assert not (public / f"{other}:v1").exists() and runs(site) == before
+
+
+def test_a_burst_of_pushes_is_one_or_a_few_runs(setup, tmp_path):
+    site, listener, registry = setup
+    layout = Layout(tmp_path / "layout")
+    app = unique("burst")
+    site.recipe([f"http://{registry.host}/{app}:*"])
+    push(registry, layout, app, "t0", b"burst")
+    wait_for(lambda: (site.repo_root / registry.host / f"{app}:t0").exists())
+    wait_for(lambda: idle(listener))
+    before = runs(site)
+    registry.retag(app, "t0", [f"t{i}" for i in range(1, 51)])
+    wait_for(lambda: all((site.repo_root / registry.host / f"{app}:t{i}").is_symlink()
+                         for i in range(1, 51)), seconds=120)
+    wait_for(lambda: idle(listener))
+    assert 1 <= runs(site) - before <= 3, runs(site) - before
+
+
+def test_nothing_is_lost_when_the_listener_is_killed(setup, tmp_path):
+    site, listener, registry = setup
+    layout = Layout(tmp_path / "layout")
+    app = unique("killed")
+    site.recipe([f"http://{registry.host}/{app}:*"])
+    listener.stop()
+    listener.debounce = 600                      # accepts and queues, converts only later
+    listener.start()
+    push(registry, layout, app, "v1", b"survives")
+    pending = site.cache / "listen" / "pending"
+    wait_for(lambda: any(pending.glob("*.json")))
+    listener.stop(signal.SIGKILL)
+    listener.debounce = 0.5
+    listener.start()
+    wait_for(lambda: (site.repo_root / registry.host / f"{app}:v1" / "content").exists())
+    wait_for(lambda: idle(listener))
+    assert not list(pending.glob("*.json"))
+
+
+def test_what_the_http_side_refuses(setup):
+    site, listener, _ = setup
+    site.recipe(["http://127.0.0.1:1/some/image:*"])
+    event = {"events": [{"action": "push", "target": {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "repository": "some/image",
+        "tag": "v1"}, "request": {"host": "127.0.0.1:1"}}]}
+    pending = site.cache / "listen" / "pending"
+    assert listener.post(json.dumps(event).encode(), secret=None) == 401
+    assert listener.post(json.dumps(event).encode(), secret="wrong") == 401
+    assert not list(pending.glob("*.json")), "nothing queued without the secret"
+    conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=10)
+    conn.putrequest("POST", "/events")                  # announced, never sent: not read
+    conn.putheader("Authorization", f"Bearer {SECRET}")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert listener.post(b"{not json") == 400
+    assert listener.post(b'{"kind": "something else"}') == 400
+    harbor = {"type": "PUSH_ARTIFACT", "event_data": {"resources": [
+        {"resource_url": "127.0.0.1:1/some/image:v2"}]}}
+    listener.stop()
+    listener.debounce = 600
+    listener.start()
+    assert listener.post(json.dumps(harbor).encode()) == 202
+    assert listener.post(json.dumps(event).encode()) == 202
+    queued = sorted(n for p in pending.glob("*.json") for n in json.loads(p.read_text()))
+    assert queued == ["127.0.0.1:1/some/image:v1", "127.0.0.1:1/some/image:v2"]
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"{listener.url}/metrics", timeout=5).read().decode()
+    metrics = {m.name: m for m in text_string_to_metric_families(text)}
+    assert metrics["unpacked_listen_queue_length"].samples[0].value == 2
+    codes = [listener.post(b"{}") for _ in range(60)]
+    assert 429 in codes, "requests per second per source are bounded"
+
+
+def test_refuses_to_start_without_a_secret(tmp_path):
+    site = Site(tmp_path / "site")
+    env = {k: v for k, v in site.env.items() if not k.startswith("UNPACKED_LISTEN")}
+    done = subprocess.run([sys.executable, "-m", "unpacked", "listen", "--bind",
+                           f"127.0.0.1:{free_port()}", "--project", str(site.base)],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3 and "no shared secret" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert os.path.isdir(site.base)
