@@ -21,7 +21,7 @@ INPUT = {"errors", "log", "recipe", "reference", "settings", "__init__"}
 
 def layer_of(module: str) -> str:
     top = module.split(".")[0]
-    return "input" if top in INPUT else top
+    return "input" if top in INPUT else "cli" if top == "__main__" else top
 
 
 def modules():

@@ -76,9 +76,23 @@ class _Collector:
         self.lines.append(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
+class _Unreadable:
+    """A scalar YAML could not construct (``2024-02-30``, ``!!int one``): never valid."""
+
+    def __init__(self, node: yaml.Node, why: str):
+        self.text, self.why = node.value, why
+
+    def __repr__(self) -> str:
+        return f"{self.text!r} ({self.why})"
+
+
 def _scalar(node: yaml.Node) -> object:
-    """Construct one scalar node with YAML's own typing (1 is int, 'a' is str, true is bool)."""
-    return yaml.constructor.SafeConstructor().construct_object(node)
+    """Construct one scalar node with YAML's own typing (1 is int, 'a' is str, true is bool);
+    a value YAML cannot construct becomes an ``_Unreadable`` that every check refuses."""
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        return _Unreadable(node, str(getattr(exc, "problem", None) or exc).split("\n")[0])
 
 
 def _check_template(errors: _Collector, node: yaml.Node, key: str, value: object) -> str | None:

@@ -94,7 +94,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(?::\d+)?$")
 
 
-def _number(name: str, text: str, kind, low: float | None, above: bool = False):
+def _number(name: str, text: str, kind, low: float | None, above: bool = False,
+            high: float | None = None):
     what = "an integer" if kind is int else "a number"
     try:
         value = kind(text)
@@ -105,6 +106,8 @@ def _number(name: str, text: str, kind, low: float | None, above: bool = False):
     if low is not None and (value <= low if above else value < low):
         bound = "more than" if above else "at least"
         raise SettingsError(f"setting {name}: {text} must be {bound} {low:g}")
+    if high is not None and value > high:
+        raise SettingsError(f"setting {name}: {text} must be at most {high:g}")
     return value
 
 
@@ -177,13 +180,13 @@ def _convert(name: str, text: str) -> object:
         "publisher": lambda: _choice(name, text, ("local", "cvmfs")),
         "flatten": lambda: _choice(name, text, ("hardlink", "copy")),
         "platforms": lambda: _platforms(text),
-        "retry_attempts": lambda: _number(name, text, int, 1),
-        "retry_seconds": lambda: _number(name, text, float, 0),
-        "timeout": lambda: _number(name, text, float, 0, above=True),
-        "deadline": lambda: _number(name, text, float, 0, above=True),
-        "registry_jobs": lambda: _number(name, text, int, 1),
+        "retry_attempts": lambda: _number(name, text, int, 1, high=100),
+        "retry_seconds": lambda: _number(name, text, float, 0, high=86400),
+        "timeout": lambda: _number(name, text, float, 0, above=True, high=86400),
+        "deadline": lambda: _number(name, text, float, 0, above=True, high=86400),
+        "registry_jobs": lambda: _number(name, text, int, 1, high=256),
         "max_layer_bytes": lambda: _size(name, text),
-        "jobs": lambda: _number(name, text, int, 0),
+        "jobs": lambda: _number(name, text, int, 0, high=256),
         "gc_grace": lambda: _number(name, text, float, 0),
         "gc_image_grace": lambda: _number(name, text, float, 0),
         "gc_max_deletions": lambda: _number(name, text, int, 1),

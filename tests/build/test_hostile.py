@@ -217,3 +217,33 @@ def test_catalog_markers_of_a_layer_never_reach_anything(registry, layout, tmp_p
         assert (flat / ".cvmfscatalog").is_file() and not (flat / ".cvmfscatalog").is_symlink()
     finally:
         site.close()
+
+
+def test_an_index_that_lies_about_a_platform_fails_that_image_alone(registry, layout, site,
+                                                                    hostile):
+    """The index's arm64 entry names the amd64 manifest: refused as a bad document (exit 1,
+    the image failed), the other image published."""
+    good = unique("good")
+    push(registry, layout, good, "v1", [Entry("g", b"good")])
+    layer = tar_bytes([Entry("ok", b"ok")])
+    manifest, config = valid_image(layer, sha(layer))
+    amd = hostile.image("evil/multi", "amd", manifest, config, {sha(layer): layer})
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            "digest": amd, "size": len(dumps(manifest)),
+                            "platform": {"os": "linux", "architecture": arch}}
+                           for arch in ("amd64", "arm64")]}
+    served = Answer(200, {"Content-Type": index["mediaType"],
+                          "Docker-Content-Digest": sha(dumps(index))}, dumps(index))
+    hostile.on("*", r"/evil/multi/manifests/v1$", served)
+    hostile.on("*", "/evil/multi/manifests/" + sha(dumps(index)) + "$", served)
+    site.env["UNPACKED_PLATFORMS"] = "linux/amd64,linux/arm64"
+    site.recipe([f"http://{registry.host}/{good}:v1", f"http://{hostile.host}/evil/multi:v1"])
+    done = site.doit()
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    lines = [x for x in unstamped(done.stdout) if f"failed {hostile.host}/evil/multi:v1" in x]
+    assert len(lines) == 1 and "config says linux/amd64" in lines[0], out
+    assert (site.repo_root / registry.host / f"{good}:v1" / "g").read_bytes() == b"good"
+    assert not os.path.lexists(site.repo_root / hostile.host / "evil/multi:v1")
+    outside_untouched(site)

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import unique
+from helpers import unique, unstamped
 from helpers.images import Entry, skopeo_copy, tar_bytes
 from helpers.pipeline import push, run_interrupted_later, start_slow, temps
 from helpers.site import Site
@@ -269,3 +269,23 @@ def test_a_second_cache_on_the_same_repository_waits_its_turn(registry, layout, 
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert site.revision() == 1 and (site.repo_root / ".layers" / img.layers[1][7:]).is_dir()
+
+
+def test_a_public_path_two_tags_claim_stays_with_the_published_one(registry, layout, site):
+    """A template without the tag sends every tag of a wildcard to one path: the tag already
+    published there keeps it when a new tag (listed first) appears; the newcomer fails."""
+    repo = unique("claim")
+    push(registry, layout, repo, "v1", [Entry("which", b"v1")])
+    template = "public_path: 'one/$(repository)'\n"
+    site.recipe([f"http://{registry.host}/{repo}:*"], extra=template)
+    first = site.doit()
+    assert first.returncode == 0, first.stdout + first.stderr
+    public = site.repo_root / "one" / repo
+    assert (public / "which").read_bytes() == b"v1"
+    push(registry, layout, repo, "a0", [Entry("which", b"a0")])
+    done = site.doit()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (public / "which").read_bytes() == b"v1", "the published image keeps its path"
+    refused = [x for x in unstamped(done.stdout) if f"failed {registry.host}/{repo}:a0" in x]
+    assert len(refused) == 1 and f"belongs to {registry.host}/{repo}:v1" in refused[0], \
+        done.stdout

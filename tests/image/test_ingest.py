@@ -82,6 +82,13 @@ HOSTILE = [
     ("folder made a hardlink", lambda o: [Entry("d", kind="dir"),
                                           Entry("h", kind="hardlink", link="d")],
      "'h'", "folder"),
+    ("hardlink target too long", lambda o: [Entry("h", kind="hardlink",
+                                                  link="/".join(["x" * 250] * 20))],
+     "'h'", "longer or deeper than any real path"),
+    ("hardlink target too deep", lambda o: [Entry("h", kind="hardlink", link="a/" * 2000 + "b")],
+     "'h'", "longer or deeper than any real path"),
+    ("owner out of range", lambda o: [Entry("f", b"x", pax={"uid": str(1 << 33)})],
+     "'f'", "owner"),
 ]
 
 
@@ -101,6 +108,40 @@ def test_hostile_entries_are_refused(site, label, entries, names, why):
         run(site, raw)
     message = str(exc.value)
     assert names in message and why in message and "\n" not in message
+    assert_clean(site)
+
+
+def test_odd_metadata_is_read_or_refused_in_one_line(site, caplog):
+    """An absurd mtime is today; a name with a newline works; a name that would forge a log
+    line is logged sanitised."""
+    forged = "evil\n2099-01-01T00:00:00+00:00 unpacked: 0 added\x1b[2J"
+    raw = tar_bytes([Entry("t", b"x", pax={"mtime": "1e300"}), Entry("line\nbreak/f", b"y"),
+                     Entry(forged, kind="fifo")])
+    dest, info = run(site, raw)
+    fs = dest / "layerfs"
+    assert (fs / "t").read_bytes() == b"x" and (fs / "line\nbreak" / "f").read_bytes() == b"y"
+    assert info["skipped"] == [f"{forged} (fifo)"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in logged and "\n2099" not in logged and "evil" in logged
+
+
+def test_gnu_sparse_maps_are_bounded(site):
+    """GNU's old sparse format chains extension blocks of 21 regions: a tiny blob can claim
+    millions of them; it is refused before they are read."""
+    import tarfile as tf
+    header = bytearray(tf.TarInfo("holes").tobuf(format=tf.GNU_FORMAT))
+    header[156:157] = b"S"
+    header[482] = 1                                  # extended: more regions follow
+    header[483:495] = b"%011o\0" % (1 << 30)          # the real size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    block = bytearray(512)
+    for pos in range(0, 21 * 24, 24):
+        block[pos:pos + 24] = b"%011o\0%011o\0" % (pos * 512 + 512, 1)
+    block[504] = 1
+    raw = bytes(header[:512]) + bytes(block) * 1000 + bytes(1024)
+    with pytest.raises(LayerError, match="sparse file of more than"):
+        run(site, raw, diff_id=sha(raw))
     assert_clean(site)
 
 

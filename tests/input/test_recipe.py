@@ -85,6 +85,9 @@ BAD = [
     ("yaml syntax", swap("version: 1", "version: [1"), 2, "invalid YAML"),
     ("not a mapping", "- a\n- b\n", 1, "a recipe is a mapping"),
     ("empty file", "", 1, "the recipe is empty"),
+    ("impossible date", swap("user: smosciat", "user: 2024-02-30"), 2, "user: must be"),
+    ("tagged nonsense", swap("version: 1", "version: !!int one"), 1, "version: must be 1"),
+    ("huge number", swap("version: 1", "version: " + "9" * 5000), 1, "version: must be 1"),
 ]
 
 

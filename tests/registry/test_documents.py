@@ -109,10 +109,10 @@ def test_good_documents_parse_into_typed_values():
 
 
 def test_tag_lists_keep_only_grammatical_tags():
-    good, bad = docs.parse_tag_list(json.dumps({"tags": [
+    good, bad, count = docs.parse_tag_list(json.dumps({"tags": [
         "1.0", "x/../../../outside", "../up", ".hidden", "a" * 129, "v\x1b[31m", 5, "ok_2"
     ]}).encode(), "tag list")
-    assert good == ["1.0", "ok_2"]
+    assert good == ["1.0", "ok_2"] and count == 8
     assert len(bad) == 6 and not any("\x1b" in b for b in bad)
     with pytest.raises(BadDocument):
         docs.parse_tag_list(b'{"tags": "1.0"}', "tag list")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import FAST
+from helpers import FAST, unique
 from helpers.hostile import Answer, HostileRegistry, dribble, dumps, endless, sha, valid_image
 
 from unpacked import reference
@@ -133,3 +133,100 @@ def test_tls_to_a_plain_http_registry_says_what_to_do(hostile):
         client().resolve(reference.parse(f"https://{hostile.host}/evil/img:v1"), AMD64)
     assert f"use http://{hostile.host}/" in str(exc.value)
     assert len(hostile.requests) == 0 or all(m != "GET" for m, _, _ in hostile.requests)
+
+
+def test_an_index_that_lies_about_platforms_fails_its_image(hostile):
+    layer = b"x" * 512
+    manifest, config = valid_image(layer, sha(layer))
+    amd = hostile.image("evil/multi", "amd", manifest, config, {sha(layer): layer})
+    body = dumps(manifest)
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [
+                 {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd,
+                  "size": len(body), "platform": {"os": "linux", "architecture": arch}}
+                 for arch in ("amd64", "arm64")]}
+    served = Answer(200, {"Content-Type": "application/vnd.oci.image.index.v1+json",
+                          "Docker-Content-Digest": sha(dumps(index))}, dumps(index))
+    hostile.on("*", r"/evil/multi/manifests/v1$", served)
+    hostile.on("*", "/evil/multi/manifests/" + sha(dumps(index)) + "$", served)
+    c = client()
+    with pytest.raises(BadDocument, match="is for linux/arm64, but its config says linux/amd64"):
+        c.resolve(ref(hostile.host, "evil/multi"), ("linux/amd64", "linux/arm64"))
+    got = c.resolve(ref(hostile.host, "evil/multi"), ("linux/amd64",))
+    assert [i.platform for i in got.images] == ["linux/amd64"]
+
+
+def test_a_flood_behind_a_401_is_not_read(hostile):
+    def flood(h):
+        h.send_response(401)
+        h.send_header("WWW-Authenticate", f'Bearer realm="http://{hostile.host}/token"')
+        h.send_header("Content-Length", str(1 << 40))
+        h.end_headers()
+        chunk = b"x" * 65536
+        for _ in range(1 << 20):
+            h.wfile.write(chunk)
+    hostile.on("*", "/manifests/", Answer(write=flood))
+    hostile.on("GET", "/token", Answer(200, {}, dumps({"token": "t", "expires_in": 60})))
+    started = time.monotonic()
+    with pytest.raises(RegistryError):
+        client().resolve(ref(hostile.host), AMD64)
+    assert time.monotonic() - started < 30
+
+
+def test_headers_sent_a_byte_at_a_time_meet_the_deadline(hostile):
+    def trickle(h):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for byte in b"X-Slow: " + b"a" * 10_000:      # one header that never ends
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+            time.sleep(0.2)
+    hostile.on("*", "/manifests/", Answer(write=trickle))
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="no answer within 1.5s"):
+        RegistryClient(None, policy=FAST, timeout=5, deadline=1.5).resolve(ref(hostile.host),
+                                                                          AMD64)
+    assert time.monotonic() - started < 20
+
+
+def test_a_slow_blob_meets_its_deadline(hostile, monkeypatch):
+    from unpacked.registry import client as client_module
+    monkeypatch.setattr(client_module, "BLOB_GRACE", 1.0)
+    blob = b"\0" * (1 << 20)
+
+    def slow(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(blob)))
+        h.end_headers()
+        for i in range(0, len(blob), 100):
+            h.wfile.write(blob[i:i + 100])
+            h.wfile.flush()
+            time.sleep(1)
+    hostile.on("GET", "/blobs/", Answer(write=slow))
+    started = time.monotonic()
+    stream = client().open_blob(ref(hostile.host), sha(blob), len(blob))
+    with pytest.raises(RegistryError, match="slower than"):
+        while stream.read(65536):
+            pass
+    assert time.monotonic() - started < 40
+
+
+def test_a_redirect_never_borrows_another_registrys_credentials(hostile, basic_registry,
+                                                                layout):
+    from helpers import creds_for, push_simple
+    secret = unique("secret")
+    push_simple(basic_registry, layout, secret, files={"SECRET.txt": b"private"})
+    hostile.on("*", "/v2/evil/", Answer(write=lambda h: redirect(h, basic_registry.host,
+                                                                 secret)))
+    c = client(credentials=creds_for(basic_registry.host))
+    c.resolve(ref(basic_registry.host, secret), AMD64)        # B is trusted, as in a recipe
+    with pytest.raises(RegistryError) as exc:
+        c.resolve(ref(hostile.host, "evil/img"), AMD64)
+    assert "401" in str(exc.value) or "unauthorized" in str(exc.value)
+
+
+def redirect(h, host: str, repo: str) -> None:
+    rest = h.path.split("/v2/evil/img/", 1)[1]
+    h.send_response(307)
+    h.send_header("Location", f"http://{host}/v2/{repo}/{rest}")
+    h.send_header("Content-Length", "0")
+    h.end_headers()

@@ -240,14 +240,15 @@ def test_layers_of_a_thin_image_in_use_stay(registry, basic_registry, layout, si
     assert old.layers[1][7:] not in layers(site) and new.layers[1][7:] in layers(site)
 
 
-def test_a_flat_image_any_symlink_names_stays(registry, layout, site):
+@pytest.mark.parametrize("where", ["handmade/alias", "alias", ".hidden/deeper/alias"])
+def test_a_flat_image_any_symlink_names_stays(registry, layout, site, where):
     drop = unique("linked")
     d = push(registry, layout, drop, "v1", [Entry("d", b"d")])
     site.recipe([f"http://{registry.host}/{drop}:v1"])
     run(site, T0)
-    manual = site.repo_root / "handmade" / "alias"
-    manual.parent.mkdir()
-    os.symlink(f"../.flat/{d.config_digest[7:]}", manual)     # an operator's own link
+    manual = site.repo_root / where                 # an operator's own link, anywhere
+    manual.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink("../" * where.count("/") + f".flat/{d.config_digest[7:]}", manual)
     site.recipe([f"http://{registry.host}/{unique('none')}:v1"])
     run(site, T0 + 60, code=1)
     run(site, T0 + 60 + 8 * DAY, code=1)

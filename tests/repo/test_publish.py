@@ -41,6 +41,7 @@ place(".flat", "a" * 64, "rebuilt flat")        # replaces an existing one
 repo.link("img:new", ".flat/" + "b" * 64)        # a new public link
 repo.link("img:old", ".flat/" + "b" * 64)        # a moved one
 repo.delete(".layers/" + "c" * 64)               # GC
+repo.unlink_public("lib/deep/img:gone")          # a dropped image: its empty folders go too
 if action == "publish":
     pub.publish("scripted")
 """
@@ -71,6 +72,8 @@ def seed(root: Path) -> None:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     (root / "img:old").symlink_to(".flat/" + "a" * 64)
+    (root / "lib/deep").mkdir(parents=True)
+    (root / "lib/deep/img:gone").symlink_to("../../.flat/" + "a" * 64)
 
 
 def run(root: Path, action: str, crash: int | None = None, log: Path | None = None):
@@ -108,6 +111,7 @@ def test_abort_restores_and_publish_records(tmp_path):
     assert after["img:new"] == after["img:old"] == "-> .flat/" + "b" * 64
     assert after[".flat/" + "a" * 64 + "/f"] == "rebuilt flat"
     assert not any(k.startswith(".layers/" + "c" * 64) for k in after)
+    assert not any(k.startswith("lib") for k in after), "emptied folders pruned"
     state = json.loads((root / ".unpacked/published.json").read_text())
     assert state["revision"] == 1 and state["message"] == "scripted"
     assert not os.listdir(root / ".unpacked/backup"), "backups dropped after the record"

@@ -118,7 +118,7 @@ def build_plan(ctx) -> Plan:
         item = ImagePlan(wanted.recipe, wanted.input, wanted.ref, resolved,
                          state.failure(wanted.name))
         plan.images.append(item)
-    plan.clashes = _clashes(plan.images)
+    plan.clashes = _clashes(plan.images, ctx)
     for item in plan.images:
         if item.name in plan.clashes:
             continue
@@ -139,18 +139,34 @@ def _add_image(plan: Plan, item: ImagePlan, image: PlatformImage) -> None:
     flat.images.append(item)
 
 
-def _clashes(images: list[ImagePlan]) -> dict[str, str]:
-    """Two different images a wildcard expansion sends to one public path: the later ones
-    are refused (the recipe check cannot see expanded tags)."""
-    owner: dict[tuple[str, str], str] = {}
-    refused: dict[str, str] = {}
+def _clashes(images: list[ImagePlan], ctx) -> dict[str, str]:
+    """Two different images that send one public path (a wildcard's new tag, a template
+    without the tag): the image already published there keeps it, else the first listed;
+    the others are refused (the recipe check cannot see expanded tags)."""
+    claims: dict[tuple[str, str], list[ImagePlan]] = {}
     for item in images:
-        key = (item.repo, posixpath.normpath(item.public))
-        first = owner.setdefault(key, item.name)
-        if first != item.name:
-            refused[item.name] = (f"{item.name}: its public path {item.public} is also "
-                                  f"{first}'s in {item.repo}; not converted")
+        claims.setdefault((item.repo, posixpath.normpath(item.public)), []).append(item)
+    refused: dict[str, str] = {}
+    for (repo, public), items in claims.items():
+        names = list(dict.fromkeys(i.name for i in items))
+        if len(names) < 2:
+            continue
+        owner = _published_at(ctx, repo, public, names) or names[0]
+        for name in names:
+            if name != owner:
+                refused[name] = (f"{name}: its public path {public} belongs to {owner} in "
+                                 f"{repo}; not converted")
     return refused
+
+
+def _published_at(ctx, repo: str, public: str, names: list[str]) -> str | None:
+    """Which of ``names`` the repository's metadata says is published at ``public``."""
+    repository = ctx.publisher(repo).repository()
+    for name in names:
+        record = repository.read_json(repository.metadata_rel(name), "image.json") or {}
+        if record.get("public_path") == public:
+            return name
+    return None
 
 
 def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
@@ -177,7 +193,6 @@ def gc_wants(ctx, plan: Plan, repo: str) -> gc.Wants:
         if r.cvmfs_repo == repo:
             wants.wildcards += [(i.ref.registry, i.ref.repository, i.ref.tag)
                                 for i in r.inputs if i.ref.is_wildcard]
-            wants.roots.add(r.public_path.split("/", 1)[0])
     for name, items in plan.by_name().items():
         items = [i for i in items if i.repo == repo]
         if not items:

@@ -154,6 +154,8 @@ class Reporter(ConsoleReporter):
                 + self.gc["errors"] + self.gc_blocked}
 
     def _exit_code(self) -> int:
+        if self.session.worker_died:
+            return EXIT_SETUP
         if self.session.interrupted:
             return self.session.exit_signal
         if self.runtime_errors:
@@ -193,7 +195,9 @@ class Reporter(ConsoleReporter):
                 f"{len(self.unchanged)} unchanged, {len(self.failed)} failed "
                 f"({logs.count(self.built['layer'], 'layer')} ingested, "
                 f"{logs.count(self.built['flat'], 'flat image')} built) in {seconds:.1f}s")
-        if session.interrupted:
+        if session.worker_died:
+            line += f"; {session.worker_died} (out of memory?), transaction aborted"
+        elif session.interrupted:
             line += f"; interrupted by {session.interrupted}, transaction aborted"
         self.write(line + "\n")
         self._list("added", added)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.process
+import multiprocessing.util
 import signal
+import threading
 import time
 
 from ..errors import EXIT_SIGNAL, UnpackedError
 from ..repo.lock import Lock
 from . import doit_private, notify
-from .context import Context
+from .context import Context, die_with_parent
 from .refresh import Refresher
 from .status import record_run, write_metrics
 
@@ -41,6 +44,7 @@ class Session:
         self.locks: list[Lock] = []
         self.problems: list[str] = []   # resolve problems to report at the end
         self.failed_resolves = 0
+        self.worker_died = ""
 
     # -- start --------------------------------------------------------------------------------
 
@@ -52,6 +56,8 @@ class Session:
                 self._lock(self.ctx.publisher(repo).lock())
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.on_signal)
+            multiprocessing.util.register_after_fork(self, Session.in_worker)
+            threading.Thread(target=self.watch_workers, daemon=True).start()
             for repo in self.repos:
                 self.ctx.publisher(repo).recover()
             self.refresh()
@@ -65,9 +71,51 @@ class Session:
         lock.acquire(self.wait)
         self.locks.append(lock)
 
+    def in_worker(self) -> None:
+        """In a forked worker: the locks are the run's, not the worker's (an orphaned worker
+        must not keep later runs out); the run's signal handler is not the worker's (doit's
+        terminate() must end it); and the worker dies with the run."""
+        for lock in self.locks:
+            lock.forget()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        die_with_parent()
+
+    def watch_workers(self) -> None:
+        """doit waits forever for a worker that died (the OOM killer, a kill -9): notice it,
+        and end the run as an interrupted one (its transaction aborted, the locks freed)."""
+        seen: dict[int, multiprocessing.Process] = {}
+        while not self.interrupted:
+            # the set itself: active_children() would reap a worker that died between two
+            # looks before this loop saw it
+            for child in list(multiprocessing.process._children):
+                seen.setdefault(child.pid, child)
+            for pid, child in list(seen.items()):
+                if child.exitcode is None:
+                    continue
+                del seen[pid]
+                if child.exitcode < 0:
+                    time.sleep(1.0)     # a Ctrl-C reaches the workers too: let the run see it
+                    if not self.interrupted:
+                        self.worker_died = f"a worker process died (signal {-child.exitcode})"
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            time.sleep(0.2)
+
+    def stop_workers(self) -> None:
+        """End doit's workers (an interrupted doit may not have told them to stop)."""
+        children = list(multiprocessing.process._children)
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(timeout=10)
+            if child.exitcode is None:
+                child.kill()
+                child.join(timeout=10)
+
     def on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_IGN)      # a second signal must not cut the abort
+        for sig in (signal.SIGINT, signal.SIGTERM):   # a second signal must not cut the abort
+            signal.signal(sig, signal.SIG_IGN)
         raise Interrupted(self.interrupted)
 
     @property
@@ -114,8 +162,7 @@ class Session:
         from .actions import run_message
         published, errors = False, []
         if self.interrupted:
-            for child in multiprocessing.active_children():   # doit's workers, terminated
-                child.join(timeout=60)
+            self.stop_workers()
         for repo in self.repos:
             publisher = self.ctx.publisher(repo)
             if not publisher.is_open():

@@ -81,6 +81,9 @@ def _distinct(sources: list[tuple[ImageRef, Layer]]) -> list[tuple[ImageRef, Lay
 def _ingest_from(client: RegistryClient, source: tuple[ImageRef, Layer], claims: Claims,
                  repo: Repository, options: Options) -> dict:
     ref, layer = source
+    if layer.size > options.max_bytes + (1 << 20):
+        raise ImageError(f"layer {layer.digest} of {ref}: {layer.size:,} bytes announced, more "
+                         f"than max_layer_bytes ({options.max_bytes:,}); refused")
     url = None
     if layer.media_type in FOREIGN and layer.urls:
         if not options.foreign:

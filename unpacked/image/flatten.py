@@ -18,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from ..errors import sanitize
 from ..repo.fs import Dir, FolderCache, UnsafePath
 from ..repo.layout import CATALOG, IS_ROOT
 from .ingest import OPAQUE, WHITEOUT
@@ -275,8 +276,8 @@ def flatten(layers: list[Dir], external: list[dict[str, str]], out: Dir,
     inside a layer as hardlinks.
     """
     result = plan(layers, external)
-    for rel in result.missing_links:
-        log.warning("hardlink %s names a file no lower layer has; left out", rel)
+    for rel in result.missing_links[:20]:
+        log.warning("hardlink %s names a file no lower layer has; left out", sanitize(rel, 200))
     writer = _Writer(layers, out, mode)
     try:
         out.chmod_self(0o755)

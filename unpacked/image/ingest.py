@@ -19,13 +19,14 @@ import os
 import stat
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 import zstandard
 from isal import igzip
 
-from ..errors import ImageError
+from ..errors import ImageError, sanitize
 from ..repo.fs import Dir, FolderCache, UnsafePath, raise_fd_limit
 from ..repo.layout import CATALOG, IS_ROOT, Repository
 from . import tarsafe
@@ -39,7 +40,8 @@ OPAQUE = ".wh..wh..opq"
 COPY_CHUNK = 1 << 20
 OPEN_DIRS = 64                     # folders kept open while extracting
 REPORTED = 1000                    # names kept per list in layer.json
-MAX_EXTERNAL_LINKS = 100_000
+MAX_EXTERNAL_LINKS = 10_000        # hardlinks to lower layers one layer may hold
+MAX_LINK_BYTES = 4 << 20           # ... and the bytes of their names, together
 DIR_TIMES = "dir-times"            # spilled beside layerfs while extracting
 
 
@@ -147,6 +149,7 @@ class Extractor:
     def __init__(self, root: Dir, what: str, limit: int, times: Dir):
         self.root, self.what, self.limit = root, what, limit
         self.report = Report()
+        self.link_bytes = 0
         now = int(time.time())
         self.folders = FolderCache(root, OPEN_DIRS, on_create=lambda rel: self._time(rel, now))
         self._times = os.fdopen(times.create(DIR_TIMES, 0o600), "w", encoding="utf-8",
@@ -180,7 +183,7 @@ class Extractor:
         return f"its parent {rel!r} is not a folder"
 
     def _time(self, rel: str, mtime: int) -> None:
-        self._times.write(f"{mtime}\t{rel}\n")
+        self._times.write(f"{mtime} {rel}\0")       # NUL: the one byte no name can hold
 
     # -- entries ------------------------------------------------------------------------------
 
@@ -205,9 +208,17 @@ class Extractor:
 
     def _mtime(self, member: tarfile.TarInfo) -> int:
         try:
-            return int(member.mtime) if member.mtime else int(time.time())
-        except (ValueError, OverflowError):
-            return int(time.time())
+            mtime = int(member.mtime)
+        except (ValueError, OverflowError, TypeError):
+            mtime = 0
+        return mtime if 0 < mtime < 1 << 33 else int(time.time())
+
+    def _owner_of(self, at: _At) -> tuple[int, int]:
+        uid, gid = at.member.uid, at.member.gid
+        if not (isinstance(uid, int) and isinstance(gid, int) and 0 <= uid < 1 << 32
+                and 0 <= gid < 1 << 32):
+            raise self.fail(at.entry, f"its owner {uid}:{gid} is out of range")
+        return uid, gid
 
     def extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         entry = member.name
@@ -253,8 +264,9 @@ class Extractor:
             self.report.note("skipped", f"{at.rel} (tar type {member.type!r})")
 
     def _owner(self, at: _At) -> None:
+        uid, gid = self._owner_of(at)
         if IS_ROOT:
-            at.parent.chown(at.name, at.member.uid, at.member.gid)
+            at.parent.chown(at.name, uid, gid)
 
     def _dir(self, at: _At) -> None:
         if not self._clear(at, True):
@@ -275,8 +287,9 @@ class Extractor:
                         raise self.fail(at.entry, f"the layer writes more than {self.limit:,} "
                                         "bytes (a sparse or decompression bomb?)")
                     out.write(chunk)
+            uid, gid = self._owner_of(at)
             if IS_ROOT:
-                os.fchown(fd, at.member.uid, at.member.gid)
+                os.fchown(fd, uid, gid)
             os.fchmod(fd, self._mode(at.member, at.rel, False))
             mtime = self._mtime(at.member) * 10**9
             os.utime(fd, ns=(mtime, mtime))
@@ -295,6 +308,8 @@ class Extractor:
         target = clean_name(at.member.linkname)
         if target is None or target == "":
             raise self.fail(at.entry, f"a hardlink to {at.member.linkname!r}, outside the layer")
+        if len(os.fsencode(target)) > tarsafe.MAX_NAME or target.count("/") >= tarsafe.MAX_DEPTH:
+            raise self.fail(at.entry, "a hardlink to a name longer or deeper than any real path")
         target_parent, _, target_name = target.rpartition("/")
         try:
             source = self._folder(target_parent, at.entry, create=False)
@@ -304,9 +319,11 @@ class Extractor:
         st = source.lstat(target_name) if source is not None else None
         if st is None:
             # Its target lives in a lower layer: flattening links it there.
-            if len(self.report.external_links) >= MAX_EXTERNAL_LINKS:
-                raise self.fail(at.entry, f"more than {MAX_EXTERNAL_LINKS:,} hardlinks to "
-                                "lower layers")
+            self.link_bytes += len(at.rel) + len(target)
+            if len(self.report.external_links) >= MAX_EXTERNAL_LINKS or \
+                    self.link_bytes > MAX_LINK_BYTES:
+                raise self.fail(at.entry, f"more than {MAX_EXTERNAL_LINKS:,} hardlinks (or "
+                                f"{MAX_LINK_BYTES >> 20} MiB of their names) to lower layers")
             self.report.external_links[at.rel] = target
             return
         if stat.S_ISDIR(st.st_mode):
@@ -326,8 +343,8 @@ def _apply_dir_times(layerfs: Dir, times: Dir) -> None:
     folders = FolderCache(layerfs, OPEN_DIRS)
     stream = times.open_file(DIR_TIMES)
     try:
-        for raw in stream or ():
-            mtime, _, rel = raw.decode("utf-8", "surrogateescape").rstrip("\n").partition("\t")
+        for raw in _records(stream):
+            mtime, _, rel = raw.decode("utf-8", "surrogateescape").partition(" ")
             ns = int(mtime) * 10**9
             with contextlib.suppress(OSError):
                 if rel == "":
@@ -341,6 +358,14 @@ def _apply_dir_times(layerfs: Dir, times: Dir) -> None:
         folders.close()
         if stream:
             stream.close()
+
+
+def _records(stream) -> Iterator[bytes]:
+    """NUL-terminated records of a file, read in chunks."""
+    rest = b""
+    while stream is not None and (chunk := stream.read(COPY_CHUNK)):
+        *whole, rest = (rest + chunk).split(b"\0")
+        yield from whole
 
 
 def _decompressor(stream: io.BufferedReader, promised: str, what: str):
@@ -390,6 +415,10 @@ def _extract(blob: BinaryIO, layerfs: Dir, work: Dir, claims: Claims, max_bytes:
             raise
         at = f" entry {member.name!r}:" if member is not None else ""
         raise LayerError(f"{what}:{at} {exc.strerror or exc}") from None
+    except (ValueError, OverflowError, RecursionError, UnicodeError) as exc:
+        at = f" entry {member.name!r}:" if member is not None else ""
+        raise LayerError(f"{what}:{at} cannot be read ({type(exc).__name__}: "
+                         f"{sanitize(exc, 100)}); layer refused") from None
     finally:
         extractor.close()
     return extractor.report, "sha256:" + counting.sha.hexdigest(), found, counting.count
@@ -435,7 +464,7 @@ def _info(claims: Claims, diff_id: str, found: str, count: int, report: Report) 
 def _log_report(what: str, report: Report) -> None:
     if report.skipped_count:
         log.warning("%s: %d special file(s) not created: %s", what, report.skipped_count,
-                    ", ".join(report.skipped[:5]))
+                    sanitize(", ".join(report.skipped[:5]), 300))
     if report.dropped_setid_count:
         log.info("%s: set-uid/set-gid dropped on %d file(s)", what, report.dropped_setid_count)
     if report.replaced_catalog:

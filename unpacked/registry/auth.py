@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -267,7 +268,8 @@ class RegistryAuth(AuthBase):
             header = self.known_header(request.url, request.method)
             if header:
                 request.headers["Authorization"] = header
-        request.register_hook("response", self._on_response)
+        origin = urlsplit(request.url)[:2]
+        request.register_hook("response", lambda r, **kw: self._on_response(r, origin, **kw))
         return request
 
     def known_header(self, url: str, method: str) -> str | None:
@@ -282,11 +284,15 @@ class RegistryAuth(AuthBase):
             return None
         return self._header(host, known, self.scope_for(url, method), fetch=False)
 
-    def _on_response(self, response: requests.Response, **kwargs) -> requests.Response:
+    def _on_response(self, response: requests.Response, origin: tuple[str, str],
+                     **kwargs) -> requests.Response:
+        """Answer a 401 of the registry asked, never of a host a redirect led to (not even
+        another registry we trust: it could hand us its private image under another name),
+        and never over another scheme."""
         request = response.request
         host = urlsplit(request.url).netloc
         if response.status_code != 401 or getattr(request, "_unpacked_retry", False) \
-                or not self.trusted(host):
+                or urlsplit(request.url)[:2] != origin or not self.trusted(host):
             return response
         challenges = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         chosen = next((c for c in challenges if c[0] == "bearer"), None) or \
@@ -303,7 +309,8 @@ class RegistryAuth(AuthBase):
                               plain_http=request.url.startswith("http://"))
         if header is None:
             return response
-        response.content  # noqa: B018 - drain so the connection returns to the pool
+        with contextlib.suppress(requests.RequestException, OSError):
+            response.raw.read(65536, decode_content=False)    # a little, not a flood
         response.close()
         retry = request.copy()
         retry.headers["Authorization"] = header

@@ -36,7 +36,15 @@ from . import documents as docs
 from . import platform as platforms
 from .auth import Lookup, RegistryAuth, TokenStore, find_credential
 from .resolved import Layer, PlatformImage, Resolved
-from .retry import RetryAdapter, RetryPolicy, network_problem, retry_after, retryable_status
+from .retry import (
+    Deadline,
+    RetryAdapter,
+    RetryPolicy,
+    network_problem,
+    retry_after,
+    retryable_status,
+    track,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +115,8 @@ class RegistryClient:
             bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
             if bundle:
                 self.session.verify = bundle
-        adapter = RetryAdapter(self.policy, pool_connections=pool, pool_maxsize=pool)
+        adapter = RetryAdapter(self.policy, deadline=deadline, pool_connections=pool,
+                               pool_maxsize=pool)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         tokens = TokenStore(cache_dir / "tokens" if cache_dir else None)
@@ -116,9 +125,9 @@ class RegistryClient:
         if not self.session.trust_env:
             verify = self.session.verify
             ca = verify if isinstance(verify, str) else requests.certs.where()
-            self._fast = urllib3.PoolManager(num_pools=pool, maxsize=pool, ca_certs=ca,
-                                             cert_reqs="CERT_REQUIRED", retries=False,
-                                             timeout=urllib3.Timeout(*self.timeout))
+            self._fast = track(urllib3.PoolManager(num_pools=pool, maxsize=pool, ca_certs=ca,
+                                                   cert_reqs="CERT_REQUIRED", retries=False,
+                                                   timeout=urllib3.Timeout(*self.timeout)))
 
     def close(self) -> None:
         self.session.close()
@@ -138,8 +147,11 @@ class RegistryClient:
         if auth:
             headers["Authorization"] = auth
         try:
-            resp = self._fast.request("HEAD", url, headers=headers, redirect=False)
+            with Deadline(self.limits.deadline) as watch:
+                resp = self._fast.request("HEAD", url, headers=headers, redirect=False)
         except Urllib3Error:
+            return None, None
+        if watch.fired:         # cut mid-header: what arrived is not an answer
             return None, None
         if retryable_status(resp.status):
             # the full path retries; wait as it would have, so Retry-After is honoured
@@ -284,7 +296,7 @@ class RegistryClient:
                 offers = ", ".join(platforms.offered(index)) or "none"
                 raise NotFound(f"{what}: no image for {', '.join(wanted)} in index {digest} "
                                f"(offers: {offers})")
-            images = [self._platform_image(ref, *self._child(ref, e)) for e in entries]
+            images = self._platform_images(ref, entries)
             offered = platforms.offered(index)
         else:
             image = self._platform_image(ref, body, media_type, digest)
@@ -295,6 +307,23 @@ class RegistryClient:
             offered = [image.platform]
         return Resolved(ref.name, top, media_type, tuple(wanted), images, tuple(missing),
                         time.time(), tuple(offered))
+
+    def _platform_images(self, ref: ImageRef,
+                         entries: list[docs.Descriptor]) -> list[PlatformImage]:
+        """The images of the chosen index entries: each must be the platform its entry
+        says, and one platform counts once (a lying index fails the image, not the run)."""
+        images: list[PlatformImage] = []
+        for entry in entries:
+            image = self._platform_image(ref, *self._child(ref, entry))
+            said = entry.platform
+            got = docs.Platform.parse(image.platform)
+            if not platforms.matches(got, said) and not platforms.matches(said, got):
+                raise BadDocument(f"{ref}: index entry {entry.digest} is for {said}, but its "
+                                  f"config says {got}")
+            if any(i.platform == image.platform for i in images):
+                continue
+            images.append(image)
+        return images
 
     def _child(self, ref: ImageRef, entry: docs.Descriptor) -> tuple[bytes, str, str]:
         body, media_type, digest = self.get_manifest(ref, entry.digest)
@@ -359,12 +388,13 @@ class RegistryClient:
 
     def tags(self, ref: ImageRef, page: int = 1000) -> tuple[list[str], list[str]]:
         """Every valid tag of a repository (following ``Link`` pagination on the same
-        registry, capped), and the names refused by the tag grammar."""
+        registry, capped in pages and tags), and some of the names the tag grammar refused."""
         what = f"tag list of {ref.registry}/{ref.repository}"
         url = f"{ref.base_url}/v2/{ref.repository}/tags/list?n={page}"
         origin = urlsplit(url)[:2]
         tags: list[str] = []
         bad: list[str] = []
+        seen = 0
         seen_urls: set[str] = set()
         while url and url not in seen_urls:
             if len(seen_urls) >= MAX_TAG_PAGES:
@@ -372,11 +402,12 @@ class RegistryClient:
             seen_urls.add(url)
             resp = self.request("GET", ref, "", what, url=url, stream=True)
             link = resp.links.get("next", {}).get("url")
-            good, wrong = docs.parse_tag_list(self.read_document(resp, docs.MAX_TAG_PAGE, what),
-                                              what)
+            good, wrong, count = docs.parse_tag_list(
+                self.read_document(resp, docs.MAX_TAG_PAGE, what), what)
             tags.extend(good)
-            bad.extend(wrong)
-            if len(tags) > MAX_TAGS:
+            bad.extend(wrong[:max(0, 20 - len(bad))])
+            seen += count
+            if seen > MAX_TAGS:
                 raise RegistryError(f"{what}: more than {MAX_TAGS:,} tags; refused")
             url = urljoin(url, link) if link else None
             if url and urlsplit(url)[:2] != origin:
@@ -501,8 +532,8 @@ class BlobStream(io.RawIOBase):
                 raise RegistryError(f"{self.what}: slower than {MIN_BLOB_RATE >> 10} KiB/s "
                                     f"({self.received:,} of {self.size:,} bytes in "
                                     f"{time.monotonic() - self._started:.0f}s); refused")
-            try:
-                data = self._resp.raw.read(min(len(view), CHUNK), decode_content=False)
+            try:        # read1: whatever has arrived, so the deadline is checked often
+                data = self._resp.raw.read1(min(len(view), CHUNK), decode_content=False)
             except _STREAM_ERRORS as exc:
                 self._retry(exc)
                 continue

@@ -9,6 +9,7 @@ platform) is checked against its grammar before it can reach a path.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -31,7 +32,7 @@ CONFIG_TYPES = ("application/vnd.docker.container.image.v1+json",
 
 MAX_MANIFEST = 4 << 20          # the spec's "at least 4 MB" that registries accept
 MAX_CONFIG = 8 << 20
-MAX_TAG_PAGE = 8 << 20
+MAX_TAG_PAGE = 4 << 20
 MAX_TOKEN = 64 << 10
 MAX_LAYERS = 1000
 MAX_ENTRIES = 1000              # manifests in one index
@@ -277,14 +278,16 @@ def parse_config(body: bytes, what: str) -> ImageConfig:
         labels=dict(labels))
 
 
-def parse_tag_list(body: bytes, what: str) -> tuple[list[str], list[str]]:
-    """(tags that are valid, names that are not) of one ``tags/list`` page."""
+def parse_tag_list(body: bytes, what: str) -> tuple[list[str], list[str], int]:
+    """(tags that are valid, up to 20 names that are not, how many names) of one
+    ``tags/list`` page."""
     check = _Checker(what)
     doc = decode(body, what, MAX_TAG_PAGE)
     tags = check.get(doc, "tags", list, "tags") or []
     good = [t for t in tags if is_tag(t)]
-    bad = [sanitize(repr(t), 60) for t in tags if not is_tag(t)]
-    return good, bad
+    refused = (t for t in tags if not is_tag(t))
+    bad = [sanitize(repr(t), 60) for t in itertools.islice(refused, 20)]
+    return good, bad, len(tags)
 
 
 def parse_token(body: bytes, what: str) -> TokenAnswer:

@@ -8,14 +8,19 @@ at once, with a short human message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import requests
+import urllib3
+import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
 
@@ -87,6 +92,9 @@ def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:
         if "certificate" in text:
             return f"cannot reach {host}: its TLS certificate is not trusted", False
         return f"cannot reach {host}: TLS handshake failed", False
+    within = next((str(c) for c in causes if "no answer within" in str(c)), None)
+    if within:
+        return f"{host}: {within}", True
     if any(isinstance(c, requests.Timeout) for c in causes) or \
             any("timed out" in str(c) for c in causes):
         return f"cannot reach {host}: timed out", True
@@ -100,13 +108,98 @@ def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:
     return f"cannot reach {host}: {sanitize(type(exc).__name__)}", True
 
 
-class RetryAdapter(HTTPAdapter):
-    """An HTTPAdapter that re-sends idempotent requests on transient failures."""
+_IN_FLIGHT: dict[int, object] = {}     # thread -> the urllib3 connection it is using
+_IN_FLIGHT_LOCK = threading.Lock()
 
-    def __init__(self, policy: RetryPolicy, sleep=time.sleep, **kwargs):
+
+class _Tracked:
+    """A urllib3 connection that says which thread uses it (for ``deadline``)."""
+
+    def request(self, *args, **kwargs):
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT[threading.get_ident()] = self
+        return super().request(*args, **kwargs)
+
+
+class _TrackedHTTP(_Tracked, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TrackedHTTPS(_Tracked, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTP
+
+
+class _PoolS(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPS
+
+
+def track(manager: urllib3.PoolManager) -> urllib3.PoolManager:
+    """Make ``manager``'s connections ones a ``deadline`` can cut."""
+    manager.pool_classes_by_scheme = {"http": _Pool, "https": _PoolS}
+    return manager
+
+
+class Deadline:
+    """Cut the connection this thread uses when an answer's headers are not all in within
+    ``seconds`` (a server may send one byte a minute: every read is within the read timeout,
+    and the whole would never end)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.fired = seconds, False
+        self.thread = threading.get_ident()
+        self.timer = threading.Timer(seconds, self._cut)
+        self.timer.daemon = True
+
+    def _cut(self) -> None:
+        with _IN_FLIGHT_LOCK:
+            conn = _IN_FLIGHT.get(self.thread)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            self.fired = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> Deadline:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.pop(self.thread, None)
+
+
+class RetryAdapter(HTTPAdapter):
+    """An HTTPAdapter that re-sends idempotent requests on transient failures, each try's
+    headers bounded in time as a whole."""
+
+    def __init__(self, policy: RetryPolicy, sleep=time.sleep, deadline: float = 300.0,
+                 **kwargs):
+        self.deadline = deadline
         super().__init__(**kwargs)
         self.policy = policy
         self.sleep = sleep
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        track(self.poolmanager)
+
+    def _send_once(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+        with Deadline(self.deadline) as watch:
+            try:
+                response = super().send(request, **kwargs)
+            except (requests.ConnectionError, requests.Timeout):
+                if watch.fired:
+                    raise requests.Timeout(f"no answer within {self.deadline:g}s") from None
+                raise
+        if watch.fired:     # cut mid-header: http.client may take the stump for a whole answer
+            response.close()
+            raise requests.Timeout(f"no answer within {self.deadline:g}s")
+        return response
 
     def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
         deadline = time.monotonic() + self.policy.seconds
@@ -115,7 +208,7 @@ class RetryAdapter(HTTPAdapter):
         while True:
             attempt += 1
             try:
-                response = super().send(request, **kwargs)
+                response = self._send_once(request, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 reason, again = network_problem(exc, host)
                 delay = self.policy.backoff(attempt)

@@ -373,10 +373,18 @@ class FolderCache:
         if hit is not None:
             self._open.move_to_end(rel)
             return hit
-        parent_rel, _, name = rel.rpartition("/")
-        parent = self.get(parent_rel, create)
-        if parent is None:
-            return None
+        parts = rel.split("/")
+        depth = len(parts)                   # the deepest folder already open
+        while depth > 0 and "/".join(parts[:depth]) not in self._open:
+            depth -= 1
+        folder = self._open["/".join(parts[:depth])] if depth else self.root
+        for i in range(depth, len(parts)):
+            folder = self._open_child(folder, "/".join(parts[:i + 1]), parts[i], create)
+            if folder is None:
+                return None
+        return folder
+
+    def _open_child(self, parent: Dir, rel: str, name: str, create: bool) -> Dir | None:
         if parent.lstat(name) is None:
             if not create:
                 return None
@@ -387,14 +395,16 @@ class FolderCache:
         folder = parent.child(name)
         self._open[rel] = folder
         if len(self._open) > self.size:
-            self._open.popitem(last=False)[1].close()
+            # forgotten, not closed: a caller may still hold it; the descriptor closes
+            # when the last reference goes (CPython's reference counting)
+            self._open.popitem(last=False)
         return folder
 
     def forget(self, rel: str) -> None:
-        """``rel`` and what is under it were removed or replaced: close their descriptors."""
+        """``rel`` and what is under it were removed or replaced: forget their descriptors."""
         prefix = rel + "/"
         for key in [k for k in self._open if k == rel or k.startswith(prefix)]:
-            self._open.pop(key).close()
+            del self._open[key]
 
     def close(self) -> None:
         for folder in self._open.values():

@@ -31,10 +31,11 @@ from pathlib import Path
 from ..errors import UnpackedError
 from ..reference import is_digest
 from .fs import Dir, is_temp
-from .layout import FLAT, LAYERS, METADATA, MULTIARCH, Repository, check_rel, hex_of
+from .layout import FLAT, LAYERS, METADATA, MULTIARCH, STATE, Repository, check_rel, hex_of
 
 log = logging.getLogger(__name__)
 DAY = 86400.0
+OWN = {LAYERS, FLAT, METADATA, STATE}       # folders whose symlinks are not references
 
 
 @dataclass
@@ -62,7 +63,6 @@ class Wants:
     platforms: set[str] = field(default_factory=set)          # "<arch>/<name>" wanted
     frozen: list[str] = field(default_factory=list)           # why no image may go now
     thin_pending: set[str] = field(default_factory=set)       # thin image not pushed as is
-    roots: set[str] = field(default_factory=set)              # dot-folders public paths use
 
 
 @dataclass
@@ -150,10 +150,10 @@ def _flat_of(link_dir: str, target: str) -> str | None:
     return None
 
 
-def linked(repo: Repository, extra_roots: set[str]) -> tuple[set[str], set[str]]:
-    """Config digests of flat images any symlink of the public tree (and ``.multiarch``)
-    points at, made by us or not (a repository DUCC wrote, a link an operator made), and
-    the public paths holding such symlinks."""
+def linked(repo: Repository) -> tuple[set[str], set[str]]:
+    """Config digests of flat images any symlink of the repository points at (outside the
+    repository's own folders: public paths, ``.multiarch``, links an operator made, a
+    repository DUCC wrote), and the paths holding such symlinks."""
     flats: set[str] = set()
     links: set[str] = set()
     try:
@@ -161,9 +161,17 @@ def linked(repo: Repository, extra_roots: set[str]) -> tuple[set[str], set[str]]
     except UnpackedError:
         return flats, links
     with root:
-        tops = [e.name for e in root.scandir() if e.is_dir(follow_symlinks=False)
-                and (not e.name.startswith(".") or e.name in extra_roots | {MULTIARCH})]
-        stack = list(tops)
+        stack = []
+        for entry in root.scandir():
+            if entry.name in OWN or is_temp(entry.name):
+                continue
+            if entry.is_symlink():
+                digest = _flat_of("", root.readlink(entry.name) or "")
+                if digest:
+                    flats.add(digest)
+                    links.add(entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.name)
         while stack:
             rel = stack.pop()
             with root.sub(rel) as folder:
@@ -302,7 +310,7 @@ class _Collect:
 
     def objects(self) -> None:
         """Flat images and layers nothing kept names."""
-        flats_linked, _ = linked(self.repo, self.wants.roots)
+        flats_linked, _ = linked(self.repo)
         flats = set(self.wants.flats) | {i.config for i in self.kept} | flats_linked
         layers = set(self.wants.layers)
         for image in self.kept:

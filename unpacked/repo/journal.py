@@ -180,9 +180,10 @@ class Journal:
 
 
 def _area(root: Dir, rel: str) -> tuple[Dir, str] | None:
+    """The folder of ``rel`` (made again when garbage collection pruned it empty)."""
     parent, _, name = rel.rpartition("/")
     try:
-        return root.sub(parent), name
+        return root.sub(parent, create=True), name
     except (UnpackedError, OSError):
         return None
 

@@ -53,6 +53,12 @@ class Lock:
         except OSError:
             return "?"
 
+    def forget(self) -> None:
+        """In a forked child: drop the inherited descriptor (the parent keeps the lock)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
