@@ -16,8 +16,10 @@ import io
 import json
 import logging
 import os
+import queue
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -66,28 +68,75 @@ def sniff(head: bytes) -> str:
     return "tar"
 
 
-class _Counting(io.RawIOBase):
-    """Hashes and counts what passes (the diff_id), and stops a decompression bomb."""
+class _Ahead(io.RawIOBase):
+    """The uncompressed stream, made by a thread of its own while the caller unpacks: the
+    network read, both digests and the decompression overlap the tar parsing and the writes,
+    as the stages of a shell pipeline do (igzip, zstd, hashlib and sockets release the GIL).
 
-    def __init__(self, inner: BinaryIO, limit: int, what: str):
-        self.inner, self.limit, self.what = inner, limit, what
+    The thread hashes and counts what passes (the diff_id), stops a decompression bomb, and
+    reads the blob to its end (its digest is checked there). It never touches the disk, so a
+    caller that gives up just stops reading; the thread ends at its next chunk. Its errors
+    are raised to the reader, unchanged.
+    """
+
+    DEPTH = 4                       # chunks made ahead: memory is DEPTH * COPY_CHUNK
+
+    def __init__(self, plain: BinaryIO, blob: BinaryIO, limit: int, what: str):
         self.sha = hashlib.sha256()
         self.count = 0
+        self._chunks: queue.Queue = queue.Queue(self.DEPTH)
+        self._view, self._stop, self._ended = memoryview(b""), threading.Event(), False
+        self._thread = threading.Thread(target=self._make, args=(plain, blob, limit, what),
+                                        name="ingest-read", daemon=True)
+        self._thread.start()
+
+    def _make(self, plain: BinaryIO, blob: BinaryIO, limit: int, what: str) -> None:
+        try:
+            while data := plain.read(COPY_CHUNK):
+                self.count += len(data)
+                if self.count > limit:
+                    raise LayerError(f"{what}: uncompressed size passes the limit of "
+                                     f"{limit:,} bytes (decompression bomb?); refused")
+                self.sha.update(data)
+                if not self._put(data):
+                    return
+            drain(blob)            # trailing bytes of the blob: its digest is checked at EOF
+            self._put(None)
+        except BaseException as exc:        # noqa: BLE001 - handed to the reader as it is
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.inner.read(len(buffer))
-        if not data:
-            return 0
-        self.count += len(data)
-        if self.count > self.limit:
-            raise LayerError(f"{self.what}: uncompressed size passes the limit of "
-                             f"{self.limit:,} bytes (decompression bomb?); refused")
-        self.sha.update(data)
-        buffer[:len(data)] = data
-        return len(data)
+        if not self._view:
+            if self._ended:
+                return 0
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if item is None:
+                self._ended = True
+                return 0
+            self._view = memoryview(item)
+        n = min(len(buffer), len(self._view))
+        buffer[:n] = self._view[:n]
+        self._view = self._view[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
 
 
 def drain(stream: BinaryIO) -> None:
@@ -396,16 +445,15 @@ def _extract(blob: BinaryIO, layerfs: Dir, work: Dir, claims: Claims, max_bytes:
              what: str) -> tuple[Report, str, str, int]:
     buffered = io.BufferedReader(blob, COPY_CHUNK) if not hasattr(blob, "peek") else blob
     plain, found = _decompressor(buffered, compression_of(claims.media_type), what)
-    counting = _Counting(plain, max_bytes, what)
-    reader = io.BufferedReader(counting, COPY_CHUNK)
+    ahead = _Ahead(plain, buffered, max_bytes, what)
+    reader = io.BufferedReader(ahead, COPY_CHUNK)
     extractor = Extractor(layerfs, what, max_bytes, work)
     member = None
     try:
         with tarsafe.open_stream(reader) as tar:
             for member in tarsafe.members(tar):
                 extractor.extract(tar, member)
-        drain(reader)              # padding after the end-of-archive blocks
-        drain(buffered)            # trailing bytes of the blob: its digest is checked at EOF
+        drain(reader)              # padding after the end-of-archive blocks, the blob's end
         extractor.finish()
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         at = f" at entry {member.name!r}" if member is not None else ""
@@ -421,7 +469,8 @@ def _extract(blob: BinaryIO, layerfs: Dir, work: Dir, claims: Claims, max_bytes:
                          f"{sanitize(exc, 100)}); layer refused") from None
     finally:
         extractor.close()
-    return extractor.report, "sha256:" + counting.sha.hexdigest(), found, counting.count
+        ahead.close()
+    return extractor.report, "sha256:" + ahead.sha.hexdigest(), found, ahead.count
 
 
 def ingest(blob: BinaryIO, repo: Repository, claims: Claims, *,
