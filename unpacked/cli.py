@@ -24,7 +24,11 @@ def _settings(project: Path | None) -> settings.Settings:
     base = project or Path(os.environ.get("UNPACKED_PROJECT") or Path.cwd())
     if not base.is_dir():
         raise UnpackedError(f"project folder {base}: no such folder")
-    return settings.load(project=base)
+    found = settings.load(project=base)
+    chosen = click.get_current_context().find_root().meta.get("unpacked.verbosity_given")
+    if not chosen and found.verbosity >= 0:
+        log.setup(found.verbosity)            # the setting, unless -v or -q said otherwise
+    return found
 
 
 def _context(project: Path | None):
@@ -43,6 +47,7 @@ project_option = click.option("--project", type=click.Path(path_type=Path, file_
 @click.version_option(package_name="unpacked")
 def cli(verbose: int, quiet: bool) -> None:
     """Keep a CernVM-FS repository of unpacked container images in step with recipes."""
+    click.get_current_context().meta["unpacked.verbosity_given"] = bool(quiet or verbose)
     log.setup(0 if quiet else (verbose or -1))
 
 
@@ -163,9 +168,10 @@ def status(as_json: bool, project: Path | None) -> None:
     if as_json:
         click.echo(json.dumps({"last_run": last, "images": found}, indent=1, sort_keys=True))
         return
-    if last:
-        click.echo(f"last run: exit {last.get('exit_code')} after "
-                   f"{last.get('duration_s', 0):.1f}s; counts {last.get('counts', {})}")
+    for label, run in (("last run", last), ("last limited run", last.get("last_limited_run"))):
+        if run and "exit_code" in run:
+            click.echo(f"{label}: exit {run.get('exit_code')} after "
+                       f"{run.get('duration_s', 0):.1f}s; counts {run.get('counts', {})}")
     for image in found:
         why = f"  ({image['failure']})" if image["failure"] and image["state"] != "published" \
             else ""

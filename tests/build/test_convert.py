@@ -45,6 +45,9 @@ def test_converts_only_what_is_named(registry, layout, site):
     assert "gc:" not in done.stdout
     assert rows <= set(doit_private.recorded_values(site.cache / "doit.sqlite"))
     assert site.revision() == 2
+    smuggled = convert(site, f"{registry.host}/{b}:1.1@sha256:{'0' * 64}")
+    assert smuggled.returncode == 3 and "not named by any recipe" in smuggled.stderr, \
+        "a wildcard matches tags, never a digest beside one"
     done = convert(site, f"{registry.host}/{b}:1.1")        # through the wildcard input
     assert done.returncode == 0, done.stderr
     assert (site.repo_root / registry.host / f"{b}:1.1" / "b").read_bytes() == b"1.1 moved"
@@ -116,3 +119,18 @@ def test_status_says_what_the_run_did(registry, layout, site):
     states = {i["name"].split("/", 1)[1]: i["state"] for i in doc["images"]}
     assert states[f"{good}:v1"] == "published"
     assert sorted(states.values()) == ["failed", "published"]
+
+    limited = convert(site, f"{registry.host}/{good}:v1")          # the listener's kind of run
+    assert limited.returncode == 0, limited.stdout + limited.stderr
+    after = json.loads((site.cache / "status.json").read_text())
+    assert after["exit_code"] == 1 and after["failures"] == status["failures"], \
+        "a limited run does not hide that the full run failed"
+    assert after.get("last_success") is None
+    assert after["last_limited_run"]["exit_code"] == 0 and after["totals"]["runs"] == 2
+    metrics = {m.name: m for m in text_string_to_metric_families(
+        (site.base / "metrics" / "unpacked.prom").read_text())}
+    assert metrics["unpacked_last_run_exit_code"].samples[0].value == 1
+    assert metrics["unpacked_last_limited_run_exit_code"].samples[0].value == 0
+    shown = subprocess.run(["unpacked", "status"], env=site.env, cwd=site.base,
+                           capture_output=True, text=True)
+    assert "last run: exit 1" in shown.stdout and "last limited run: exit 0" in shown.stdout

@@ -194,14 +194,20 @@ def test_what_the_http_side_refuses(setup):
     listener.start()
     assert listener.post(json.dumps(harbor).encode()) == 202
     assert listener.post(json.dumps(event).encode()) == 202
-    queued = sorted(n for p in pending.glob("*.json") for n in json.loads(p.read_text()))
+    queued = sorted(json.loads(p.read_text())["name"] for p in pending.glob("*.json"))
     assert queued == ["127.0.0.1:1/some/image:v1", "127.0.0.1:1/some/image:v2"]
+    assert listener.post(json.dumps(event).encode()) == 202
+    assert len(list(pending.glob("*.json"))) == 2, "a repeated push rewrites its one file"
     from prometheus_client.parser import text_string_to_metric_families
     text = urllib.request.urlopen(f"{listener.url}/metrics", timeout=5).read().decode()
     metrics = {m.name: m for m in text_string_to_metric_families(text)}
     assert metrics["unpacked_listen_queue_length"].samples[0].value == 2
-    codes = [listener.post(b"{}") for _ in range(60)]
-    assert 429 in codes, "requests per second per source are bounded"
+    codes = [listener.post(b"{}", secret="guess") for _ in range(60)]
+    assert 429 in codes, "refused requests per second per source are bounded"
+    assert listener.post(json.dumps(event).encode()) == 202, \
+        "who knows the secret is not slowed by who does not"
+    log = (site.base / "listen.log").read_text()
+    assert log.count("wrong or missing secret") <= 2, "refusals are not logged one by one"
 
 
 def test_refuses_to_start_without_a_secret(tmp_path):
@@ -213,3 +219,148 @@ def test_refuses_to_start_without_a_secret(tmp_path):
     assert done.returncode == 3 and "no shared secret" in done.stderr
     assert "Traceback" not in done.stderr
     assert os.path.isdir(site.base)
+
+
+def event_for(*names: str, media="application/vnd.oci.image.manifest.v1+json") -> bytes:
+    events = []
+    for name in names:
+        host, rest = name.split("/", 1)
+        repo, _, tag = rest.partition(":")
+        events.append({"action": "push", "target": {"mediaType": media, "repository": repo,
+                                                    "tag": tag}, "request": {"host": host}})
+    return json.dumps({"events": events}).encode()
+
+
+def pending_names(site) -> list[str]:
+    return sorted(json.loads(p.read_text())["name"]
+                  for p in (site.cache / "listen" / "pending").glob("*.json"))
+
+
+def test_events_are_checked_one_by_one(setup):
+    site, listener, _ = setup
+    site.recipe(["http://127.0.0.1:1/some/image:*"])
+    listener.stop()
+    listener.debounce = 600
+    listener.start()
+    digest = "sha256:" + "a" * 64
+    body = json.loads(event_for("127.0.0.1:1/some/image:v1"))
+    body["events"] += [{"action": "push", "target": "not an object"},
+                       json.loads(event_for(f"127.0.0.1:1/some/image:v2@{digest}"))["events"][0]]
+    assert listener.post(json.dumps(body).encode()) == 202, "one bad event is skipped alone"
+    harbor = {"type": "PUSH_ARTIFACT", "event_data": {"resources": [
+        {"resource_url": "127.0.0.1:1/some/image"},                   # no tag: not a push
+        {"resource_url": f"127.0.0.1:1/some/image:v3@{digest}"},
+        {"digest": digest}]}}
+    assert listener.post(json.dumps(harbor).encode()) == 202
+    cloud = {"specversion": "1.0", "type": "harbor.artifact.pushed", "id": "1", "source": "h",
+             "data": {"resources": [{"resource_url": "127.0.0.1:1/some/image:v4"}]}}
+    assert listener.post(json.dumps(cloud).encode()) == 202
+    assert pending_names(site) == ["127.0.0.1:1/some/image:v1", "127.0.0.1:1/some/image:v4"]
+    log = (site.base / "listen.log").read_text()
+    assert "not a push by tag" in log and "without target" in log
+
+
+def test_a_name_no_recipe_wants_any_more_does_not_block_the_others(setup, tmp_path):
+    site, listener, registry = setup
+    layout = Layout(tmp_path / "layout")
+    keep, drop = unique("keep"), unique("drop")
+    site.recipe([f"http://{registry.host}/{keep}:*", f"http://{registry.host}/{drop}:*"])
+    listener.stop()
+    listener.debounce = 600
+    listener.start()
+    push(registry, layout, keep, "v1", b"kept")
+    push(registry, layout, drop, "v1", b"dropped")
+    wait_for(lambda: len(pending_names(site)) == 2)
+    listener.stop()
+    site.recipe([f"http://{registry.host}/{keep}:*"])
+    pending = site.cache / "listen" / "pending"
+    for i, junk in enumerate(("5", "null", '{"name": 1}', '["--adhoc", "x"]', "{not json")):
+        (pending / f"junk{i}.json").write_text(junk)
+    (pending / ".half-written.json").write_text("{")
+    listener.debounce = 0.5
+    listener.start()
+    wait_for(lambda: (site.repo_root / registry.host / f"{keep}:v1" / "content").exists())
+    wait_for(lambda: idle(listener))
+    assert pending_names(site) == []
+    assert not (site.repo_root / registry.host / f"{drop}:v1").exists()
+    assert sorted(p.name for p in (site.cache / "listen" / "bad").iterdir()) == \
+        [f"junk{i}.json" for i in range(5)]
+    assert not (pending / ".half-written.json").exists()
+    assert urllib.request.urlopen(f"{listener.url}/healthz", timeout=5).status == 200
+    log = (site.base / "listen.log").read_text()
+    assert "no recipe wants" in log and "converted 1 image(s)" in log, log
+
+
+def test_idle_connections_cannot_starve_the_registry(setup):
+    import socket
+    site, listener, _ = setup
+    held = []
+    for _ in range(40):         # from another loopback address: a neighbour, not the registry
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", listener.port))
+        s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\n")
+        held.append(s)
+    started = time.time()
+    assert urllib.request.urlopen(f"{listener.url}/healthz", timeout=5).status == 200
+    assert time.time() - started < 3
+    for s in held:
+        s.settimeout(15)
+    refused = sum(1 for s in held[16:] if s.recv(1) == b"")
+    assert refused == 24, "beyond 16 connections from one source, closed at once"
+    started = time.time()
+    assert all(s.recv(1024) == b"" for s in held[:16]), "idle connections are closed"
+    assert time.time() - started < 15
+    for s in held:
+        s.close()
+
+
+def test_a_stop_waits_for_the_running_conversion(registry, proxy, tmp_path):
+    """SIGTERM while a conversion runs: the listener forwards it and waits; the conversion
+    aborts its transaction; the image stays pending and is converted after a restart."""
+    need("docker-registry", "skopeo")
+    from helpers.pipeline import push as push_image
+    from helpers.pipeline import temps
+    site = Site(tmp_path / "site")
+    layout = Layout(tmp_path / "layout")
+    app = unique("stop")
+    img = push_image(registry, layout, app, "v1", [Entry("big", os.urandom(2 << 20))])
+    proxy.add(f"/blobs/{img.layers[1]}", "slow", at=65536, delay=0.1)
+    site.recipe([f"http://{proxy.host}/{app}:*"])
+    listener = Listener(site, debounce=0.1)
+    try:
+        assert listener.post(event_for(f"{proxy.host}/{app}:v1")) == 202
+        wait_for(lambda: temps(site))
+        children = subprocess.run(["pgrep", "-f", f"unpacked convert.*{app}"],
+                                  capture_output=True, text=True).stdout.split()
+        assert children, "the conversion runs"
+        listener.stop()
+        assert listener.proc.returncode == 0
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in children), \
+            "the listener ended after its conversion"
+        assert not site.transaction_open()
+        assert pending_names(site) == [f"{proxy.host}/{app}:v1"]
+        log = (site.base / "listen.log").read_text()
+        assert "waiting for the running conversion" in log, log
+        proxy.clear()
+        listener.start()
+        wait_for(lambda: (site.repo_root / proxy.host / f"{app}:v1" / "big").exists())
+        wait_for(lambda: pending_names(site) == [])
+        assert temps(site) == []
+    finally:
+        if listener.proc.poll() is None:
+            listener.stop()
+        site.close()
+
+
+@pytest.mark.parametrize("bind, message", [("127.0.0.1:99999", "not host:port"),
+                                           ("localhost", "not host:port"),
+                                           ("[::1", "not host:port")])
+def test_a_bad_bind_is_one_line(tmp_path, bind, message):
+    site = Site(tmp_path / "site")
+    done = subprocess.run([sys.executable, "-m", "unpacked", "listen", "--bind", bind,
+                           "--project", str(site.base)],
+                          env=dict(site.env, UNPACKED_LISTEN_SECRET="s"), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 3 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -194,7 +194,7 @@ class Session:
         record["repositories"] = {repo: {"revision": self.ctx.publisher(repo).revision()}
                                   for repo in self.repos}
         try:
-            status = record_run(s.cache_dir, record)
+            status = record_run(s.cache_dir, record, self.full)
             if s.metrics_file:
                 write_metrics(s.metrics_file, status)
         except OSError as exc:

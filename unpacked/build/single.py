@@ -32,8 +32,9 @@ def wants(item: Input, ref: ImageRef) -> bool:
     if (want.registry, want.repository) != (ref.registry, ref.repository) and \
             (want.api_host, want.repository) != (ref.api_host, ref.repository):
         return False
-    if want.is_wildcard:
-        return ref.tag is not None and fnmatch.fnmatchcase(ref.tag, want.tag)
+    if want.is_wildcard:       # a tag it matches, never a digest smuggled beside the tag
+        return ref.tag is not None and ref.digest is None and \
+            fnmatch.fnmatchcase(ref.tag, want.tag)
     return (want.tag, want.digest) == (ref.tag, ref.digest)
 
 

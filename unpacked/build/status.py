@@ -46,8 +46,11 @@ def read_status(cache_dir: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def record_run(cache_dir: Path, run: dict) -> dict:
-    """Write ``status.json`` for the run just ended; totals carry over from the last one."""
+def record_run(cache_dir: Path, run: dict, full: bool = True) -> dict:
+    """Write ``status.json`` for the run just ended; totals carry over from the last one.
+
+    A limited run (``unpacked convert``, the listener's, ``doit image:…``) is kept apart, as
+    ``last_limited_run``: its success must not hide that the full runs keep failing."""
     previous = read_status(cache_dir)
     totals = dict.fromkeys(TOTALS, 0)
     totals.update({k: v for k, v in (previous.get("totals") or {}).items()
@@ -55,9 +58,16 @@ def record_run(cache_dir: Path, run: dict) -> dict:
     counts = run.get("counts", {})
     for key in TOTALS:
         totals[key] += counts.get(key, 0) if key != "runs" else 1
-    status = dict(run, totals=totals)
-    status["last_success"] = run["end"] if run.get("exit_code") == 0 \
-        else previous.get("last_success")
+    if full:
+        status = dict(run, totals=totals)
+        status["last_success"] = run["end"] if run.get("exit_code") == 0 \
+            else previous.get("last_success")
+        if "last_limited_run" in previous:
+            status["last_limited_run"] = previous["last_limited_run"]
+    else:
+        status = dict(previous, totals=totals, last_limited_run=run)
+        status["repositories"] = {**(previous.get("repositories") or {}),
+                                  **run.get("repositories", {})}
     write_atomic(cache_dir / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n")
     return status
 
@@ -71,6 +81,7 @@ def _line(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]
 def render(status: dict, extra: list[str] | None = None) -> str:
     """The Prometheus text exposition of a status record."""
     counts, totals = status.get("counts", {}), status.get("totals", {})
+    limited = status.get("last_limited_run") or {}
     blocks = [
         _line("last_run_timestamp_seconds", "gauge", "When the last run ended.",
               [("", status.get("end", 0))]),
@@ -82,6 +93,10 @@ def render(status: dict, extra: list[str] | None = None) -> str:
               [("", status.get("last_success") or 0)]),
         _line("images", "gauge", "Images of the last run, by what happened to them.",
               [(f'{{state="{s}"}}', counts.get(s, 0)) for s in STATES]),
+        _line("last_limited_run_timestamp_seconds", "gauge", "When the last limited run "
+              "(unpacked convert, the listener's) ended.", [("", limited.get("end", 0))]),
+        _line("last_limited_run_exit_code", "gauge", "The exit code of the last limited run.",
+              [("", limited.get("exit_code", 0))]),
     ]
     for key, help_text in (("layers_ingested", "Layers downloaded and unpacked."),
                            ("flat_built", "Flat images built."),

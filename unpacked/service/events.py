@@ -3,14 +3,16 @@
 Two formats: the CNCF distribution registry's envelope
 (``application/vnd.docker.distribution.events.v1+json``: ``events[]`` with ``action``,
 ``target.repository``, ``target.tag``, ``target.mediaType`` and ``request.host``) and Harbor's
-webhook (``type`` ``PUSH_ARTIFACT``, ``event_data.resources[].resource_url``). Only pushes of
-manifests by tag are images to convert; everything else is answered and dropped.
+webhook, in its default payload (``type`` ``PUSH_ARTIFACT``,
+``event_data.resources[].resource_url``) or as a CloudEvent (``type``
+``harbor.artifact.pushed``, ``data.resources[]``). Only pushes of manifests by tag are images
+to convert; everything else is answered and dropped, and one bad event is skipped alone.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UnpackedError, sanitize
 from ..reference import ImageRef, parse
@@ -20,6 +22,7 @@ MANIFEST_TYPES = ("application/vnd.docker.distribution.manifest.v2+json",
                   "application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.oci.image.index.v1+json")
 MAX_EVENTS = 1000
+HARBOR_CLOUDEVENT_PUSH = "harbor.artifact.pushed"
 
 
 class BadEvent(UnpackedError):
@@ -31,55 +34,71 @@ class Push:
     ref: ImageRef
 
 
-def _ref(text: str) -> ImageRef | None:
-    try:
-        ref = parse(text)
-    except UnpackedError:
-        return None
-    return ref if ref.tag and not ref.is_wildcard else None
+@dataclass
+class Found:
+    """The pushes a notification reports, and why the events it skipped were skipped (one
+    bad event must not make the registry resend the whole envelope forever)."""
+
+    pushes: list[Push] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        """A pushed ``host/repository:tag`` (never a digest: a push by tag names a tag)."""
+        try:
+            ref = parse(text)
+        except UnpackedError as exc:
+            self.skipped.append(sanitize(exc, 200))
+            return
+        if ref.digest or ref.is_wildcard or not _names_tag(text):
+            self.skipped.append(f"{sanitize(text, 200)}: not a push by tag")
+            return
+        self.pushes.append(Push(ref))
 
 
-def _distribution(doc: dict) -> list[Push]:
+def _names_tag(text: str) -> bool:
+    """Does the reference spell a tag (``parse`` would otherwise supply ``latest``)?"""
+    last = text.rsplit("/", 1)[-1]
+    return ":" in last and "@" not in last
+
+
+def _distribution(doc: dict) -> Found:
     events = doc.get("events")
     if not isinstance(events, list) or len(events) > MAX_EVENTS:
-        raise BadEvent("'events' must be a list of at most 1000 events")
-    pushes = []
+        raise BadEvent(f"'events' must be a list of at most {MAX_EVENTS} events")
+    found = Found()
     for event in events:
         if not isinstance(event, dict) or event.get("action") != "push":
             continue
-        target, request = event.get("target") or {}, event.get("request") or {}
+        target, request = event.get("target"), event.get("request")
         if not isinstance(target, dict) or not isinstance(request, dict):
-            raise BadEvent("an event's target and request must be objects")
+            found.skipped.append("an event without target or request")
+            continue
         if target.get("mediaType") not in MANIFEST_TYPES or not target.get("tag"):
             continue                        # a blob, or a manifest pushed by digest
         host, repo, tag = request.get("host"), target.get("repository"), target.get("tag")
         if not all(isinstance(x, str) for x in (host, repo, tag)):
-            raise BadEvent("an event's host, repository and tag must be strings")
-        ref = _ref(f"{host}/{repo}:{tag}")
-        if ref is not None:
-            pushes.append(Push(ref))
-    return pushes
+            found.skipped.append("an event whose host, repository or tag is not a string")
+            continue
+        found.add(f"{host}/{repo}:{tag}")
+    return found
 
 
-def _harbor(doc: dict) -> list[Push]:
-    if doc.get("type") != "PUSH_ARTIFACT":
-        return []
-    data = doc.get("event_data") or {}
+def _harbor(data: object) -> Found:
+    """Harbor's ``event_data`` (its default payload) or ``data`` (its CloudEvents one)."""
     resources = data.get("resources") if isinstance(data, dict) else None
     if not isinstance(resources, list) or len(resources) > MAX_EVENTS:
-        raise BadEvent("'event_data.resources' must be a list")
-    pushes = []
+        raise BadEvent(f"a Harbor event's resources must be a list of at most {MAX_EVENTS}")
+    found = Found()
     for resource in resources:
         url = resource.get("resource_url") if isinstance(resource, dict) else None
-        if not isinstance(url, str):
-            raise BadEvent("a resource's resource_url must be a string")
-        ref = _ref(url)
-        if ref is not None:
-            pushes.append(Push(ref))
-    return pushes
+        if isinstance(url, str):
+            found.add(url)
+        else:
+            found.skipped.append("a resource without resource_url")
+    return found
 
 
-def pushes(body: bytes) -> list[Push]:
+def pushes(body: bytes) -> Found:
     """The image pushes a notification body reports; BadEvent when it is no known format."""
     try:
         doc = json.loads(body)
@@ -90,5 +109,7 @@ def pushes(body: bytes) -> list[Push]:
     if "events" in doc:
         return _distribution(doc)
     if isinstance(doc.get("type"), str) and "event_data" in doc:
-        return _harbor(doc)
+        return _harbor(doc["event_data"]) if doc["type"] == "PUSH_ARTIFACT" else Found()
+    if "specversion" in doc and isinstance(doc.get("type"), str):
+        return _harbor(doc.get("data")) if doc["type"] == HARBOR_CLOUDEVENT_PUSH else Found()
     raise BadEvent(f"unknown event format (keys: {sanitize(', '.join(map(str, doc))[:100])})")
