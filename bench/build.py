@@ -197,69 +197,125 @@ def tiny_layer(w: Writer, i: int, j: int) -> dict:
     return w.layer(fill)
 
 
+def wide_layers(w: Writer, count: int, files: int) -> list[dict]:
+    """``count`` layers as a long Dockerfile makes them: each adds a package's files and a
+    larger binary; every fifth removes an earlier package and rewrites a shared file."""
+    rng = random.Random(40)
+    layers = []
+    for j in range(count):
+        def fill(tar, j=j):
+            add_dir(tar, "opt")
+            add_dir(tar, f"opt/pkg{j:02d}")
+            for i in range(files):
+                add_file(tar, f"opt/pkg{j:02d}/f{i:04d}", rng.randbytes(rng.randrange(1024,
+                                                                                       16384)))
+            add_file(tar, f"opt/pkg{j:02d}/bin", rng.randbytes(2 << 20 if files > 50 else 4096),
+                     0o755)
+            add_dir(tar, "etc")
+            add_file(tar, "etc/shared.conf", f"written by layer {j}\n".encode())
+            if j % 5 == 4:
+                add_file(tar, f"opt/.wh.pkg{j - 2:02d}", b"")
+        layers.append(w.layer(fill))
+    return layers
+
+
+def files_layer(w: Writer, count: int) -> dict:
+    """One layer of ``count`` small files, a hundred to a folder."""
+    rng = random.Random(300)
+
+    def fill(tar):
+        add_dir(tar, "data")
+        for d in range(count // 100):
+            add_dir(tar, f"data/d{d:05d}")
+            for i in range(100):
+                add_file(tar, f"data/d{d:05d}/f{i:02d}", rng.randbytes(rng.randrange(50, 400)))
+    return w.layer(fill)
+
+
 def build_all(images: Path, registry_host: str, quick: bool, many: int) -> dict:
     """Build and push every benchmark image (skipped when the registry already has them)."""
     stamp = images / ("ready-quick.json" if quick else "ready.json")
     if stamp.exists():
-        return json.loads(stamp.read_text())
+        info = json.loads(stamp.read_text())
+        if len(info.get("many", [])) >= many:
+            return info
+    else:
+        info = {}
     work = images / "work"
     work.mkdir(parents=True, exist_ok=True)
     w = Writer(images / ("layout-quick" if quick else "layout"))
-    base = base_layer(w, work, quick)
-    w.image("base", [base])
-    app_layers = [base, small_files_layer(w, 300 if quick else 30000), delete_layer(w),
-                  big_file_layer(w, (8 << 20) if quick else (1 << 30))]
-    w.image("app", app_layers)
-    for v in range(5):
-        def fill(tar, v=v):
-            add_file(tar, f"variant/{v}.txt", f"variant {v}\n".encode() * 100)
-        w.image(f"variant{v}", [base, w.layer(fill)])
-    for tag in ["base", "app"] + [f"variant{v}" for v in range(5)]:
-        repo = "app" if tag == "app" else ("base" if tag == "base" else "variants")
-        name = tag if repo == "variants" else "v1"
-        skopeo_copy(w.path, tag, f"{registry_host}/bench/{repo}:{name}")
-    many_tags = push_many(registry_host, many)
-    info = {"app_layers": [x["digest"] for x in app_layers], "many": many_tags,
-            "unique_variant_bytes": None}
+    if "app_layers" not in info:
+        base = base_layer(w, work, quick)
+        w.image("base", [base])
+        app_layers = [base, small_files_layer(w, 300 if quick else 30000), delete_layer(w),
+                      big_file_layer(w, (8 << 20) if quick else (1 << 30))]
+        w.image("app", app_layers)
+        for v in range(5):
+            def fill(tar, v=v):
+                add_file(tar, f"variant/{v}.txt", f"variant {v}\n".encode() * 100)
+            w.image(f"variant{v}", [base, w.layer(fill)])
+        wide = wide_layers(w, 40, 20 if quick else 500)
+        w.image("wide", wide)
+        files = files_layer(w, 3000 if quick else 300_000)
+        w.image("files", [files])
+        pushes = [("base", "bench/base:v1"), ("app", "bench/app:v1"), ("wide", "bench/wide:v1"),
+                  ("files", "bench/files:v1")]
+        pushes += [(f"variant{v}", f"bench/variants:variant{v}") for v in range(5)]
+        for tag, target in pushes:
+            skopeo_copy(w.path, tag, f"{registry_host}/{target}")
+        info.update(app_layers=[x["digest"] for x in app_layers],
+                    base_layers=[base["digest"]],
+                    wide_layers=[x["digest"] for x in wide],
+                    files_layers=[files["digest"]])
+    info["many"] = push_many(registry_host, many)
     stamp.write_text(json.dumps(info))
     return info
 
 
 def push_many(host: str, count: int) -> list[str]:
-    """``count`` tags of one repository, each its own image of 5 tiny layers (pushed over
-    plain HTTP, as setup: the thing measured is the conversion, not this)."""
+    """``count`` tags of one repository, each its own image of 5 tiny layers: the first
+    shared by a tenth of the images, the second by a hundredth, three of its own (as images
+    built on a few common bases are). Pushed over plain HTTP, as setup: the thing measured is
+    the conversion, not this; blobs already pushed are not pushed again."""
     import gzip
 
     import requests
     s = requests.Session()
     base = f"http://{host}/v2/bench/many"
+    pushed: set[str] = set()
 
     def upload(data: bytes) -> dict:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        r = s.post(f"{base}/blobs/uploads/")
-        r.raise_for_status()
-        loc = r.headers["Location"]
-        loc = loc if loc.startswith("http") else f"http://{host}{loc}"
-        s.put(loc + ("&" if "?" in loc else "?") + f"digest={digest}", data=data,
-              headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+        if digest not in pushed:
+            r = s.post(f"{base}/blobs/uploads/")
+            r.raise_for_status()
+            loc = r.headers["Location"]
+            loc = loc if loc.startswith("http") else f"http://{host}{loc}"
+            s.put(loc + ("&" if "?" in loc else "?") + f"digest={digest}", data=data,
+                  headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+            pushed.add(digest)
         return {"digest": digest, "size": len(data)}
+
+    def layer(path: str, text: str) -> tuple[dict, str]:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            add_file(tar, path, text.encode())
+        diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+        return {"mediaType": LAYER, **upload(gzip.compress(raw.getvalue(), mtime=0))}, diff_id
 
     tags = []
     for i in range(count):
-        layers, diff_ids = [], []
-        for j in range(5):
-            raw = io.BytesIO()
-            with tarfile.open(fileobj=raw, mode="w") as tar:
-                add_file(tar, f"l{j}/file{i}.txt", f"image {i} layer {j}\n".encode())
-            diff_ids.append("sha256:" + hashlib.sha256(raw.getvalue()).hexdigest())
-            layers.append({"mediaType": LAYER, **upload(gzip.compress(raw.getvalue(), mtime=0))})
+        made = [layer("base/os-release", f"base {i % 10}\n"),
+                layer("mid/runtime", f"runtime {i % 100}\n")]
+        made += [layer(f"l{j}/file{i}.txt", f"image {i} layer {j}\n") for j in range(2, 5)]
         cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+                          "rootfs": {"type": "layers",
+                                     "diff_ids": [d for _, d in made]}}).encode()
         config = upload(cfg)
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-                    "layers": layers}
-        tag = f"t{i:04d}"
+                    "layers": [x for x, _ in made]}
+        tag = f"t{i:05d}"
         s.put(f"{base}/manifests/{tag}", data=json.dumps(manifest).encode(),
               headers={"Content-Type": manifest["mediaType"]}).raise_for_status()
         tags.append(tag)

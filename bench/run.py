@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """The benchmark suite: realistic images, each measurement beside its peer, in one run.
 
-    python3 bench/run.py            # full run (builds images once, ~20 min), writes RESULTS.md
+    python3 bench/run.py            # full run (builds images once), writes RESULTS.md
     python3 bench/run.py --quick    # tiny images, one run: what the test suite runs
 
 Images are built once and kept in bench/images/ (git-ignored) together with the storage of
 the benchmark's own docker-registry. Timings are wall-clock medians of --runs runs; ours and
-its peer alternate within each run so that drift hits both.
+its peers alternate within each run so that drift hits all of them. Peers: skopeo copy +
+umoci unpack; a sequential shell floor (curl | gzip -dc | tar, then cp -al); a pipelined
+one, every stage a process of its own (curl | tee >(sha256sum) | igzip -dc | tee
+>(sha256sum) | tar -x, layers as many at once as our runs convert, then cp -al); and for
+no-op runs, the same number of manifest HEADs made by curl with our concurrency.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import shutil
@@ -20,16 +26,26 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(PROJECT))
 
 from build import build_all  # noqa: E402
 from helpers.faults import FaultProxy  # noqa: E402
 from helpers.registry import Registry  # noqa: E402
+
+from unpacked.build.dodo import default_jobs  # noqa: E402
+from unpacked.settings import Settings  # noqa: E402
+
+JOBS = default_jobs()
+REGISTRY_JOBS = Settings.registry_jobs
+STANDIN = PROJECT / "tests" / "bin" / "cvmfs_server"
 
 
 def sh(cmd: str, cwd: Path | None = None) -> None:
@@ -46,6 +62,10 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
 class TreeRss:
     """Peak memory of a process and all its descendants (sum of their PSS, so that pages
     forked workers share are counted once), sampled every 20 ms."""
@@ -55,7 +75,7 @@ class TreeRss:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def _children(self) -> dict[int, int]:
+    def _tree(self) -> set[int]:
         parents = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
@@ -64,34 +84,33 @@ class TreeRss:
                         parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
                 except (OSError, ValueError, IndexError):
                     pass
-        return parents
+        tree, frontier = {self.pid}, [self.pid]
+        while frontier:
+            p = frontier.pop()
+            for child, parent in parents.items():
+                if parent == p and child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        return tree
 
     def _loop(self) -> None:
         while not self.done:
-            parents = self._children()
-            tree, frontier = {self.pid}, [self.pid]
-            while frontier:
-                p = frontier.pop()
-                for child, parent in parents.items():
-                    if parent == p and child not in tree:
-                        tree.add(child)
-                        frontier.append(child)
             total = 0
-            for p in tree:        # PSS: pages shared by forked workers are counted once
+            for p in self._tree():
                 try:
                     with open(f"/proc/{p}/smaps_rollup") as f:
-                        for line in f:
-                            if line.startswith("Pss:"):
-                                total += int(line.split()[1])
+                        total += sum(int(line.split()[1]) for line in f
+                                     if line.startswith("Pss:"))
                 except OSError:
                     pass
             self.peak = max(self.peak, total)
             time.sleep(0.02)
 
-    def stop(self) -> int:
+    def stop(self) -> float:
+        """The peak, in MiB."""
         self.done = True
         self.thread.join()
-        return self.peak
+        return self.peak / 1024
 
 
 class Bench:
@@ -103,15 +122,16 @@ class Bench:
         name = "registry-quick" if args.quick else "registry"
         self.registry = Registry(self.images / name, "none")
         self.host = self.registry.host
-        self.info = build_all(self.images, self.host, args.quick, args.many)
+        self.info = build_all(self.images, self.host, args.quick, max(args.scales))
         self.samples: dict[str, list[float]] = {}
         self.notes: dict[str, str] = {}
+        self.scale: dict[int, dict[str, float]] = {}
+        self.targets: list[tuple[str, str, str, bool]] = []
 
     # -- the commands measured ----------------------------------------------------------------
 
-    def ours(self, label: str, images: list[str], mode: str = "hardlink", jobs: str | None = None,
-             host: str | None = None, keep: bool = False, args: tuple = (),
-             memory: bool = False) -> float:
+    def site(self, label: str, images: list[str], keep: bool = False, host: str | None = None,
+             publisher: str = "local", **settings: str) -> tuple[Path, dict]:
         site = self.work / f"site-{label}"
         if not keep:
             fresh(site)
@@ -122,10 +142,26 @@ class Bench:
             f"version: 1\nuser: bench\ncvmfs_repo: bench.cern.ch\ninput:\n{inputs}\n")
         env = dict(os.environ, UNPACKED_RECIPES=str(site / "recipes"),
                    UNPACKED_ROOT=str(site / "cvmfs"), UNPACKED_CACHE=str(site / "cache"),
-                   UNPACKED_FLATTEN=mode, HOME=str(site))
+                   UNPACKED_PUBLISHER=publisher, HOME=str(site))
+        env.update({f"UNPACKED_{k.upper()}": v for k, v in settings.items()})
+        if publisher == "cvmfs":
+            state = site / "standin"
+            env.update(UNPACKED_CVMFS_SERVER=str(STANDIN),
+                       UNPACKED_CVMFS_SPOOL=str(state / "spool"),
+                       CVMFS_STANDIN_ROOT=str(site / "cvmfs"), CVMFS_STANDIN_STATE=str(state),
+                       CVMFS_STANDIN_SPOOL=str(state / "spool"))
+            if not keep:
+                subprocess.run([str(STANDIN), "mkfs", "bench.cern.ch"], env=env, check=True,
+                               capture_output=True)
+        return site, env
+
+    def ours(self, label: str, images: list[str], *args: str, keep: bool = False,
+             host: str | None = None, memory: str | None = None, publisher: str = "local",
+             **settings: str) -> float:
+        """One run of doit (``args``: a doit command and its options); returns seconds and
+        records the peak memory under ``memory`` when given."""
+        _, env = self.site(label, images, keep, host, publisher, **settings)
         cmd = [sys.executable, "-m", "doit", *args]
-        if jobs:
-            cmd += ["-n", jobs]
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -133,7 +169,7 @@ class Bench:
         out, err = proc.communicate()
         seconds = time.monotonic() - start
         if rss:
-            self.record("peak memory, cold convert of app (MiB)", rss.stop() / 1024)
+            self.record(memory, rss.stop())
         if proc.returncode not in (0, 1) or (proc.returncode == 1 and not args):
             raise RuntimeError(f"{' '.join(cmd)} -> {proc.returncode}: {err[-2000:]}{out[-500:]}")
         self.last_out = out
@@ -147,48 +183,126 @@ class Bench:
            f"{target}/bundle")
         return time.monotonic() - start
 
-    def floor(self, repo: str, layers: list[str], copy: bool) -> float:
+    def _blob(self, repo: str, digest: str) -> str:
+        return f"http://{self.host}/v2/{repo.split(':')[0]}/blobs/{digest}"
+
+    def floor(self, repo: str, layers: list[str], copy: bool = False) -> float:
+        """The sequential floor: one layer after another, each a curl | gzip | tar."""
         target = fresh(self.work / "floor")
-        name = repo.split(":")[0]
         start = time.monotonic()
         for i, digest in enumerate(layers):
             (target / f"l{i}").mkdir()
-            sh(f"curl -sf http://{self.host}/v2/{name}/blobs/{digest} | gzip -dc | "
-               f"tar -x -C {target}/l{i}")
-        (target / "out").mkdir()
-        flag = "-a" if copy else "-al"
-        for i in range(len(layers)):
-            sh(f"cp {flag} --remove-destination {target}/l{i}/. {target}/out/")
+            sh(f"curl -sf {self._blob(repo, digest)} | gzip -dc | tar -x -C {target}/l{i}")
+        self._merge(target, len(layers), copy)
         return time.monotonic() - start
 
-    def heads(self, tags: list[str]) -> float:
-        urls = " ".join(f"http://{self.host}/v2/bench/many/manifests/{t}" for t in tags)
-        accept = "application/vnd.oci.image.manifest.v1+json"
+    def pipelined(self, repo: str, layers: list[str]) -> float:
+        """The pipelined floor: every stage its own process, both digests computed, layers
+        JOBS at a time (as our runs convert them), then cp -al."""
+        target = fresh(self.work / "floor")
         start = time.monotonic()
-        sh(f"curl -sf -o /dev/null -I -H 'Accept: {accept}' {urls}")
+
+        def one(i: int) -> None:
+            (target / f"l{i}").mkdir()
+            sh(f"curl -sf {self._blob(repo, layers[i])} | tee >(sha256sum >/dev/null) | "
+               f"igzip -dc | tee >(sha256sum >/dev/null) | tar -x -C {target}/l{i}")
+        with ThreadPoolExecutor(JOBS) as pool:
+            list(pool.map(one, range(len(layers))))
+        self._merge(target, len(layers), copy=False)
+        return time.monotonic() - start
+
+    @staticmethod
+    def _merge(target: Path, count: int, copy: bool) -> None:
+        (target / "out").mkdir()
+        flag = "-a" if copy else "-al"
+        for i in range(count):
+            sh(f"cp {flag} --remove-destination {target}/l{i}/. {target}/out/")
+
+    def heads(self, tags: list[str]) -> float:
+        """The HEAD floor: curl making the no-op's manifest HEADs, REGISTRY_JOBS at once."""
+        config = self.work / "heads.curl"
+        accept = "application/vnd.oci.image.manifest.v1+json"
+        config.write_text("".join(
+            f'url = "http://{self.host}/v2/bench/many/manifests/{t}"\n-o /dev/null\n'
+            for t in tags))
+        start = time.monotonic()
+        sh(f"curl -sf -I --parallel --parallel-max {REGISTRY_JOBS} -H 'Accept: {accept}' "
+           f"-K {config}")
         return time.monotonic() - start
 
     def record(self, label: str, value: float) -> None:
         self.samples.setdefault(label, []).append(value)
 
+    def med(self, label: str) -> float:
+        return statistics.median(self.samples[label])
+
+    def target(self, what: str, value: str, goal: str, met: bool) -> None:
+        self.targets.append((what, value, goal, met))
+
     # -- the measurements ---------------------------------------------------------------------
 
     def run(self) -> None:
-        app, layers = "bench/app:v1", self.info["app_layers"]
-        for _ in range(self.args.runs):
-            self.record("cold convert app, hardlink (ours)",
-                        self.ours("app", [app], "hardlink", memory=True))
-            self.record("cold convert app: skopeo copy + umoci unpack", self.peer(app))
-            self.record("cold convert app: floor, curl|gzip|tar + cp -al",
-                        self.floor(app, layers, copy=False))
-            self.record("cold convert app, copy (ours)", self.ours("app", [app], "copy"))
-            self.record("cold convert app: floor, curl|gzip|tar + cp -a",
-                        self.floor(app, layers, copy=True))
-        shutil.rmtree(self.work / "peer", ignore_errors=True)
-        shutil.rmtree(self.work / "floor", ignore_errors=True)
-        shutil.rmtree(self.work / "site-app", ignore_errors=True)
+        self.cold("base", "bench/base:v1", self.info["base_layers"], copy=False)
+        self.cold("app", "bench/app:v1", self.info["app_layers"], copy=True)
+        self.profile()
         self.variants()
-        self.many()
+        self.large()
+        self.amplification()
+        self.scale_curve()
+
+    def cold(self, name: str, image: str, layers: list[str], copy: bool) -> None:
+        for _ in range(self.args.runs):
+            self.record(f"cold convert {name}: ours",
+                        self.ours(name, [image], memory=f"peak memory, cold convert {name}"))
+            self.record(f"cold convert {name}: skopeo copy + umoci unpack", self.peer(image))
+            self.record(f"cold convert {name}: sequential floor", self.floor(image, layers))
+            self.record(f"cold convert {name}: pipelined floor", self.pipelined(image, layers))
+            if copy:
+                self.record(f"cold convert {name}: ours, flatten=copy",
+                            self.ours(name, [image], flatten="copy"))
+                self.record(f"cold convert {name}: sequential floor, cp -a",
+                            self.floor(image, layers, copy=True))
+        for folder in ("peer", "floor", f"site-{name}"):
+            shutil.rmtree(self.work / folder, ignore_errors=True)
+        ours = self.med(f"cold convert {name}: ours")
+        floor = self.med(f"cold convert {name}: pipelined floor")
+        peer = self.med(f"cold convert {name}: skopeo copy + umoci unpack")
+        memory = max(self.samples[f"peak memory, cold convert {name}"])
+        self.target(f"cold convert {name} / pipelined floor", f"{ours / floor:.2f}", "≤ 1.0",
+                    ours / floor <= 1.0)
+        self.target(f"cold convert {name} / skopeo+umoci", f"{ours / peer:.2f}", "≤ 0.5",
+                    ours / peer <= 0.5)
+        self.target(f"peak memory, cold convert {name}", f"{memory:.0f} MiB", "≤ 150 MiB",
+                    memory <= 150)
+
+    def profile(self) -> None:
+        """Where a cold convert of app goes, from our own DUCC-style notifications."""
+        events = self.work / "events.jsonl"
+        total = self.ours("profile", ["bench/app:v1"], notification_file=str(events))
+        lines = [json.loads(x) for x in events.read_text().splitlines()]
+        for x in lines:           # DUCC's time format, to seconds
+            x["t"] = datetime.strptime(x["time"], "%d %b %Y - %H:%M:%S.%f").timestamp()
+        layers = [(x["t"] - x["time_elapsed_s"], x["t"]) for x in lines
+                  if x["action"] == "end_layer_conversion"]
+        flats = [x["time_elapsed_s"] for x in lines if x["action"] == "end_flat_conversion"]
+        run_start = min(x["t"] for x in lines)
+        run_end = max(x["t"] for x in lines)
+        ingest_span = max(e for _, e in layers) - min(s for s, _ in layers)
+        ingest_sum = sum(e - s for s, e in layers)
+        start = time.monotonic()
+        self.ours("profile", ["bench/app:v1"], keep=True)
+        noop = time.monotonic() - start
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import unpacked.build.dodo, doit.doit_cmd"],
+                       cwd=PROJECT, check=True)
+        imports = time.monotonic() - start
+        self.notes["profile"] = (
+            f"cold convert of app, {total:.1f} s in all: layer ingests {ingest_span:.1f} s of "
+            f"wall time ({ingest_sum:.1f} s summed over {len(layers)} layers, {JOBS} at once), "
+            f"flat build {sum(flats):.1f} s, the rest (start-up, resolve, publish, doit) "
+            f"{total - (run_end - run_start):.1f} s outside the run's first and last event "
+            f"and {(run_end - run_start) - ingest_span - sum(flats):.1f} s between; Python "
+            f"and imports alone {imports:.2f} s; a no-op run of the same recipe {noop:.2f} s")
 
     def variants(self) -> None:
         names = [f"bench/variants:variant{v}" for v in range(5)]
@@ -197,7 +311,7 @@ class Bench:
             for _ in range(self.args.runs):
                 proxy.clear()
                 self.record("variants: cold convert of 5, -n 2",
-                            self.ours("variants", names, jobs="2", host=proxy.host))
+                            self.ours("variants", names, "-n", "2", host=proxy.host))
                 got = proxy.count("GET", "/blobs/sha256:")
                 base = self.info["app_layers"][0]
                 blobs = [(p.rsplit("/", 1)[1], size) for m, p, _, size in proxy.received
@@ -209,45 +323,134 @@ class Bench:
                                           f"bytes downloaded, the unique blobs are "
                                           f"{unique:,} bytes")
                 self.record("variants: cold convert of 5, -n 1",
-                            self.ours("variants", names, jobs="1"))
+                            self.ours("variants", names, "-n", "1"))
         finally:
             proxy.stop()
 
-    def many(self) -> None:
+    def large(self) -> None:
+        """40 layers; 300,000 files in one layer: memory, and time per byte against the
+        pipelined floor."""
+        for name, image, layers in (("wide", "bench/wide:v1", self.info["wide_layers"]),
+                                    ("files", "bench/files:v1", self.info["files_layers"])):
+            for _ in range(self.args.runs):
+                self.record(f"cold convert {name}: ours",
+                            self.ours(name, [image], memory=f"peak memory, cold convert {name}"))
+                self.record(f"cold convert {name}: pipelined floor",
+                            self.pipelined(image, layers))
+            ratio = self.med(f"cold convert {name}: ours") / \
+                self.med(f"cold convert {name}: pipelined floor")
+            memory = max(self.samples[f"peak memory, cold convert {name}"])
+            self.target(f"cold convert {name} / pipelined floor", f"{ratio:.2f}", "≤ 1.2",
+                        ratio <= 1.2)
+            self.target(f"peak memory, cold convert {name}", f"{memory:.0f} MiB", "< 150 MiB",
+                        memory < 150)
+            shutil.rmtree(self.work / f"site-{name}", ignore_errors=True)
+        shutil.rmtree(self.work / "floor", ignore_errors=True)
+
+    def amplification(self) -> None:
+        """Files and bytes written inside the transaction (what ``cvmfs_server publish``
+        then processes), against the bytes of the new layers alone."""
+        reg = f"{self.host}/bench"
+        moving = f"{reg}/moving:v1"
+        sh(f"skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false "
+           f"docker://{reg}/variants:variant1 docker://{moving}")
+        label = "amplification"
+        self.ours(label, ["bench/variants:variant0"], publisher="cvmfs")
+        root = self.work / f"site-{label}" / "cvmfs" / "bench.cern.ch"
+        rows = []
+        for what, images, retag in (
+                ("a new image on a converted base",
+                 ["bench/variants:variant0", "bench/moving:v1"], None),
+                ("a tag move changing only the top layer",
+                 ["bench/variants:variant0", "bench/moving:v1"], "variant2")):
+            if retag:
+                sh(f"skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false "
+                   f"docker://{reg}/variants:{retag} docker://{moving}")
+            before = snapshot(root)
+            self.ours(label, images, keep=True, publisher="cvmfs")
+            after = snapshot(root)
+            files, written = changed(before, after)
+            new_layers = [root / ".layers" / n for n in after["layers"] - before["layers"]]
+            layer_bytes = sum(json.loads((p / "layer.json").read_text())["uncompressed_size"]
+                              for p in new_layers)
+            rows.append(f"{what}: {files:,} files, {written:,} bytes written in the "
+                        f"transaction; the new layers hold {layer_bytes:,} bytes uncompressed "
+                        f"({written / max(layer_bytes, 1):.1f}×)")
+        self.notes["write amplification (cvmfs publisher)"] = "; ".join(rows)
+        subprocess.run(["umount", str(root)], capture_output=True)   # the stand-in's mount
+        shutil.rmtree(self.work / f"site-{label}", ignore_errors=True)
+
+    def scale_curve(self) -> None:
         tags = self.info["many"]
-        names = [f"bench/many:{t}" for t in tags]
-        start = time.monotonic()
-        self.ours("many", names)
-        self.notes["many"] = (f"{len(tags)} images, {5 * len(tags)} layer tasks: cold convert "
-                              f"took {time.monotonic() - start:.1f} s (once)")
-        revision = self.work / "site-many" / "cvmfs" / "bench.cern.ch" / ".unpacked" / \
-            "published.json"
-        before = revision.read_text()
-        for _ in range(self.args.runs):
-            self.record(f"no-op run, {len(tags)} images (ours)",
-                        self.ours("many", names, keep=True))
-            self.record(f"no-op peer: {len(tags)} manifest HEADs with one curl",
-                        self.heads(tags))
-            self.record(f"doit list, {len(tags)} images",
-                        self.ours("many", names, keep=True, args=("list",)))
-            self.record(f"doit list --all -s, {len(tags)} images",
-                        self.ours("many", names, keep=True, args=("list", "--all", "-s")))
-            self.record(f"doit info image:..., {len(tags)} images",
-                        self.ours("many", names, keep=True,
-                                  args=("info", f"image:{self.host}/{names[0]}")))
-        opened = revision.read_text() != before
-        self.notes["no-op"] = ("a transaction WAS opened by a no-op run" if opened else
-                               "no transaction opened by the no-op runs (revision unchanged)")
+        for n in self.args.scales:
+            names = [f"bench/many:{t}" for t in tags[:n]]
+            row = self.scale.setdefault(n, {})
+            label = f"many{n}"
+            row["cold convert"] = self.ours(label, names, memory=f"peak memory, {n} images")
+            revision = self.work / f"site-{label}" / "cvmfs" / "bench.cern.ch" / \
+                ".unpacked" / "published.json"
+            before = revision.read_text()
+            runs = {"no-op run": [], "HEAD floor": [], "doit list": [], "doit info": []}
+            for i in range(self.args.runs):
+                runs["no-op run"].append(self.ours(
+                    label, names, keep=True,
+                    memory=f"peak memory, {n} images" if i == 0 else None))
+                runs["HEAD floor"].append(self.heads(tags[:n]))
+                runs["doit list"].append(self.ours(label, names, "list", keep=True))
+                runs["doit info"].append(self.ours(
+                    label, names, "info", f"image:{self.host}/{names[0]}", keep=True))
+            row.update({k: statistics.median(v) for k, v in runs.items()})
+            row["peak memory (MiB)"] = max(self.samples[f"peak memory, {n} images"])
+            cache = self.work / f"site-{label}" / "cache"
+            row["doit database (MiB)"] = size_of(cache / "doit.sqlite") / 2**20
+            row["state cache (MiB)"] = (size_of(cache) - size_of(cache / "doit.sqlite")) / 2**20
+            if revision.read_text() != before:
+                self.notes[f"no-op, {n} images"] = "a transaction WAS opened by a no-op run"
+            shutil.rmtree(self.work / f"site-{label}", ignore_errors=True)
+        top = max(self.scale)
+        row = self.scale[top]
+        ratio = row["no-op run"] / row["HEAD floor"]
+        self.target(f"no-op run, {top} images / HEAD floor", f"{ratio:.2f}", "≤ 1.3",
+                    ratio <= 1.3)
+        self.target(f"doit list, {top} images", f"{row['doit list']:.2f} s", "≤ 2 s",
+                    row["doit list"] <= 2)
+        self.target(f"peak memory, {top} images", f"{row['peak memory (MiB)']:.0f} MiB",
+                    "≤ 300 MiB", row["peak memory (MiB)"] <= 300)
 
     # -- the report ---------------------------------------------------------------------------
 
-    def report(self) -> str:
-        def med(label):
-            return statistics.median(self.samples[label])
+    def growth(self, metric: str) -> str:
+        """The exponent k of time ∝ n^k between the smallest and the largest scale."""
+        small, big = min(self.scale), max(self.scale)
+        a, b = self.scale[small][metric], self.scale[big][metric]
+        if small == big or a <= 0 or b <= 0:
+            return "-"
+        k = math.log(b / a) / math.log(big / small)
+        return f"n^{k:.2f} ({'linear or better' if k <= 1.1 else 'WORSE THAN LINEAR'})"
 
+    def chart(self, path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        ns = sorted(self.scale)
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        for metric in ("cold convert", "no-op run", "HEAD floor", "doit list", "doit info"):
+            ax.plot(ns, [self.scale[n][metric] for n in ns], marker="o", label=metric)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("images (5 layers each)")
+        ax.set_ylabel("seconds")
+        ax.set_title("unpacked at scale")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    def report(self, chart: str) -> str:
         versions = {}
         for tool, flag in (("skopeo", "--version"), ("umoci", "--version"),
-                           ("docker-registry", "--version")):
+                           ("docker-registry", "--version"), ("curl", "--version")):
             out = subprocess.run([tool, flag], capture_output=True, text=True).stdout.strip()
             versions[tool] = out.splitlines()[0] if out else "?"
         import doit
@@ -257,59 +460,85 @@ class Bench:
                  f"- machine: {os.cpu_count()} cores, "
                  f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                  f"{platform.platform()}",
-                 f"- Python {platform.python_version()}, doit {doit.__version__}",
+                 f"- Python {platform.python_version()}, doit {doit.__version__}; our runs use "
+                 f"{JOBS} processes and {REGISTRY_JOBS} resolves at once",
                  *[f"- {tool}: {v}" for tool, v in versions.items()],
                  f"- runs per measurement: {self.args.runs}", "",
-                 "| measurement | median | min – max |", "|---|---|---|"]
+                 "## Targets", "", "| what | measured | target | met |", "|---|---|---|---|"]
+        lines += [f"| {w} | {v} | {g} | {'yes' if ok else 'NO'} |"
+                  for w, v, g, ok in self.targets]
+        lines += ["", "## Measurements", "", "| measurement | median | min – max |",
+                  "|---|---|---|"]
         for label, values in self.samples.items():
-            unit = "MiB" if "MiB" in label else "s"
-            lines.append(f"| {label} | {med(label):.2f} {unit} | {min(values):.2f} – "
+            unit = "MiB" if "memory" in label else "s"
+            lines.append(f"| {label} | {self.med(label):.2f} {unit} | {min(values):.2f} – "
                          f"{max(values):.2f} |")
-        lines += ["", "## Ratios and targets", "",
-                  "| comparison | ratio | target | met |", "|---|---|---|---|"]
-        ours_h = med("cold convert app, hardlink (ours)")
-        ours_c = med("cold convert app, copy (ours)")
-        peer = med("cold convert app: skopeo copy + umoci unpack")
-        floor_h = med("cold convert app: floor, curl|gzip|tar + cp -al")
-        floor_c = med("cold convert app: floor, curl|gzip|tar + cp -a")
-        many = len(self.info["many"])
-        noop = med(f"no-op run, {many} images (ours)")
-        listing = med(f"doit list, {many} images")
-        memory = max(self.samples["peak memory, cold convert of app (MiB)"])
-        rows = [("hardlink / skopeo+umoci", ours_h / peer, "≤ 0.6", ours_h / peer <= 0.6),
-                ("hardlink / its floor", ours_h / floor_h, "≤ 1.3", ours_h / floor_h <= 1.3),
-                ("copy / skopeo+umoci", ours_c / peer, "≤ 1.0", ours_c / peer <= 1.0),
-                ("copy / its floor", ours_c / floor_c, "≤ 1.3", ours_c / floor_c <= 1.3)]
-        for name, ratio, target, ok in rows:
-            lines.append(f"| {name} | {ratio:.2f} | {target} | {'yes' if ok else 'NO'} |")
-        lines += [f"| no-op run, {many} images | {noop:.2f} s | ≤ 3 s | "
-                  f"{'yes' if noop <= 3 else 'NO'} |",
-                  f"| doit list, {many} images | {listing:.2f} s | ≤ 1 s | "
-                  f"{'yes' if listing <= 1 else 'NO'} |",
-                  f"| peak memory, cold convert of app | {memory:.0f} MiB | ≤ 150 MiB | "
-                  f"{'yes' if memory <= 150 else 'NO'} |", "", "## Notes", ""]
+        metrics = ["cold convert", "no-op run", "HEAD floor", "doit list", "doit info"]
+        lines += ["", "## Scale", "", f"![the scale curve]({chart})", "",
+                  "| images | " + " | ".join(metrics) + " | peak memory | doit database | "
+                  "state cache |", "|---" * (len(metrics) + 4) + "|"]
+        for n in sorted(self.scale):
+            row = self.scale[n]
+            lines.append(f"| {n:,} | " + " | ".join(
+                f"{row[m]:.2f} s ({1000 * row[m] / n:.2f} ms/image)" for m in metrics) +
+                f" | {row['peak memory (MiB)']:.0f} MiB | {row['doit database (MiB)']:.1f} MiB"
+                f" | {row['state cache (MiB)']:.1f} MiB |")
+        lines += ["", "Growth from the smallest to the largest scale:", ""]
+        lines += [f"- {m}: {self.growth(m)}" for m in metrics]
+        lines += ["", "## Notes", ""]
         lines += [f"- {key}: {text}" for key, text in self.notes.items()]
         return "\n".join(lines) + "\n"
+
+
+def snapshot(root: Path) -> dict:
+    """Every path of a repository with what says it was written (inode, size, mtime)."""
+    entries = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            entries[os.path.relpath(full, root)] = (st.st_ino, st.st_size, st.st_mtime_ns,
+                                                    st.st_mode)
+    layers = {p.name for p in (root / ".layers").iterdir() if not p.name.startswith(".")} \
+        if (root / ".layers").exists() else set()
+    return {"entries": entries, "layers": layers}
+
+
+def changed(before: dict, after: dict) -> tuple[int, int]:
+    """Regular files new or rewritten, and their bytes (a new hard link to old data counts:
+    on CVMFS's overlay, linking a file copies it up into the transaction)."""
+    files = written = 0
+    for rel, now in after["entries"].items():
+        if now[3] & 0o170000 != 0o100000 or before["entries"].get(rel) == now:
+            continue
+        files += 1
+        written += now[1]
+    return files, written
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny images, one run")
     parser.add_argument("--runs", type=int, default=None)
-    parser.add_argument("--many", type=int, default=None, help="images of the no-op recipe")
+    parser.add_argument("--scales", default=None,
+                        help="image counts of the scale curve, comma-separated")
     parser.add_argument("--images", default=str(HERE / "images"))
     parser.add_argument("--work", default=str(HERE / "work"))
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
-    args.runs = args.runs or (1 if args.quick else 3)
-    args.many = args.many or (20 if args.quick else 1000)
+    args.runs = args.runs or (1 if args.quick else 5)
+    args.scales = [int(x) for x in (args.scales or ("5,10,20" if args.quick else
+                                                    "100,1000,10000")).split(",")]
     bench = Bench(args)
+    out = Path(args.out)
+    chart = out.with_name("scale.png")
     try:
         bench.run()
-        text = bench.report()
+        bench.chart(chart)
+        text = bench.report(chart.name)
     finally:
         bench.registry.stop()
-    Path(args.out).write_text(text)
+    out.write_text(text)
     print(text)
     return 0
 

@@ -14,12 +14,18 @@ def test_quick_benchmark_runs(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
-    for row in ("cold convert app, hardlink (ours)", "skopeo copy + umoci unpack",
-                "floor, curl|gzip|tar + cp -al", "no-op run, 20 images", "doit list, 20 images",
-                "peak memory", "variants: cold convert of 5, -n 1"):
+    for row in ("cold convert base: ours", "cold convert app: skopeo copy + umoci unpack",
+                "cold convert app: pipelined floor", "cold convert app: sequential floor",
+                "cold convert wide / pipelined floor", "peak memory, cold convert files",
+                "no-op run, 20 images / HEAD floor", "doit list, 20 images",
+                "variants: cold convert of 5, -n 1", "| 20 | ", "Growth from the smallest",
+                "a tag move changing only the top layer", "profile: cold convert of app"):
         assert row in text, row
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "base fetched 1 time(s)" in text
     downloaded = text.split("bytes downloaded")[0].rsplit(";", 1)[1].strip()
     unique = text.split("the unique blobs are ")[1].split(" bytes")[0]
     assert downloaded == unique, "each shared layer is downloaded once"
-    assert "no transaction opened by the no-op runs" in text
+    assert "WAS opened by a no-op run" not in text
+    amplification = text.split("a new image on a converted base: ")[1].split(" files")[0]
+    assert int(amplification.replace(",", "")) > 0, "the new image's files were counted"
