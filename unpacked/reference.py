@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from .errors import BadReference
 
@@ -53,17 +54,17 @@ class ImageRef:
     def is_wildcard(self) -> bool:
         return self.tag is not None and any(c in GLOB_CHARS for c in self.tag)
 
-    @property
+    @cached_property
     def reference(self) -> str:
         """``:tag``, ``@digest`` or ``:tag@digest``, as DUCC's ``$(reference)``."""
         out = f":{self.tag}" if self.tag else ""
         return out + (f"@{self.digest}" if self.digest else "")
 
-    @property
+    @cached_property
     def image(self) -> str:
         return self.repository + self.reference
 
-    @property
+    @cached_property
     def name(self) -> str:
         """``registry/repository:tag``: the canonical text of this reference."""
         return f"{self.registry}/{self.image}"

@@ -64,3 +64,40 @@ def test_saved_values_command_line_variables_and_pruning(tmp_path):
     assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}
     assert doit_private.prune(db, keep, owner="mine") == 1
     assert set(doit_private.recorded_values(db)) == keep
+
+
+class _Check:
+    def __call__(self, task, values):
+        return True
+
+
+ROWS = [
+    {"name": "a", "actions": [(print, [1, 2])], "uptodate": [True], "setup": ["_txn:r"],
+     "doc": "12,345 bytes, used by 3 images", "meta": {"images": ["x"]}, "verbosity": 2},
+    {"name": "b", "actions": [(print, [])], "task_dep": ["layer:a", "flat:c"],
+     "uptodate": [_Check()], "doc": "  first line\nsecond line"},
+    {"name": "c", "actions": None, "uptodate": [False, None]},
+]
+
+
+def _comparable(task) -> dict:
+    attrs = dict(vars(task))
+    attrs["io"] = vars(attrs["io"])
+    return attrs
+
+
+def test_tasks_made_fast_equal_what_doits_loader_makes():
+    """The fast path builds what doit's own constructor builds, attribute by attribute."""
+    from doit.loader import generate_tasks
+
+    def generator():
+        yield {"name": None, "doc": "the group", "uptodate": [False]}
+        for row in ROWS:
+            yield dict(row)
+    theirs = {t.name: t for t in generate_tasks("kind", generator(), "the group")}
+    ours = {t.name: t for t in doit_private.tasks_of(
+        "kind", {"name": None, "doc": "the group", "uptodate": [False]},
+        [dict(r) for r in ROWS])}
+    assert sorted(theirs) == sorted(ours)
+    for name in theirs:
+        assert _comparable(ours[name]) == _comparable(theirs[name]), name

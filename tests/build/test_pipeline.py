@@ -190,7 +190,39 @@ def test_forget_forces_exactly_that_rebuild(registry, layout, site):
             assert (site.repo_root / ".flat" / name).stat().st_ino == ino
     assert ingested() == after, "no layer was touched"
     bare = site.doit("forget")
-    assert bare.returncode == 0 and "no tasks specified" in bare.stdout
+    assert bare.returncode == 0 and "needs to be told what to forget" in bare.stdout
+
+
+def test_forget_s_and_forced_runs_reach_the_whole_chain(registry, layout, site):
+    """Dependencies are walked as doit means them, however the options are spelled."""
+    one = unique("chain")
+    img = push(registry, layout, one, "v1", [Entry("x", b"1")])
+    site.recipe([f"http://{registry.host}/{one}:v1"])
+    assert not (site.root / site.repo).exists()
+    for args in (("list", "--all", "-qs"), ("info", f"gc:{site.repo}"), ("list", "-s")):
+        looked = site.doit(*args)
+        assert looked.returncode in (0, 1), looked.stderr
+    assert not (site.root / site.repo).exists(), "a look wrote into the repository"
+    assert site.doit().returncode == 0
+    layers = site.repo_root / ".layers"
+
+    def ingested():
+        return {h[7:]: json.loads((layers / h[7:] / "layer.json").read_text())["ingested_at"]
+                for h in img.layers}
+    flat = site.repo_root / ".flat" / img.config_digest[7:]
+    before, inode = ingested(), flat.stat().st_ino
+    forgot = site.doit("forget", "-s", f"image:{registry.host}/{one}:v1")
+    assert forgot.returncode == 0, forgot.stderr
+    assert site.doit().returncode == 0
+    after = ingested()
+    assert all(after[h] != before[h] for h in before), "forget -s forgot the layers too"
+    assert flat.stat().st_ino != inode
+    inode = flat.stat().st_ino
+    forced = site.doit("-ac")               # -a and -c in one word, as getopt allows
+    assert forced.returncode == 0, forced.stderr
+    assert all(ingested()[h] != after[h] for h in after) and flat.stat().st_ino != inode
+    listed = site.doit("list", "-s")
+    assert "U publish" in listed.stdout and "U gc" in listed.stdout, listed.stdout
 
 
 def test_list_and_info_offline(registry, layout, site, proxy):

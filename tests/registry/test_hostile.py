@@ -3,6 +3,7 @@ leave the registry they belong to, and what a registry says is sanitised."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -230,3 +231,38 @@ def redirect(h, host: str, repo: str) -> None:
     h.send_header("Location", f"http://{host}/v2/{repo}/{rest}")
     h.send_header("Content-Length", "0")
     h.end_headers()
+
+
+def test_a_worker_forked_while_the_watchdog_held_its_lock_still_meets_deadlines(hostile):
+    """doit forks workers at any moment; the child must not inherit a held lock."""
+    from unpacked.registry import retry
+
+    def trickle(h):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for byte in b"X-Slow: " + b"a" * 10_000:
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+            time.sleep(0.2)
+    hostile.on("*", "/manifests/", Answer(write=trickle))
+    with retry._WATCHDOG.lock, retry._IN_FLIGHT_LOCK:
+        pid = os.fork()
+        if pid == 0:                        # the child: one request against the dribbler
+            code = 1
+            try:
+                RegistryClient(None, policy=FAST, timeout=5, deadline=1.5).resolve(
+                    ref(hostile.host), AMD64)
+            except RegistryError:
+                code = 0
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a lock its parent held")
+    assert os.waitstatus_to_exitcode(status) == 0

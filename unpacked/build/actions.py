@@ -73,10 +73,9 @@ def begin(ctx: Context, repo: str) -> TaskFailed | None:
 
 
 @step
-def ingest(ctx: Context, sources: list[tuple[str, dict]], repos: list[str]) -> dict:
+def ingest(ctx: Context, sources: list[tuple[str, Layer]], repos: list[str]) -> dict:
     from ..image.convert import Options, ingest_layer
-    pairs = [(parse(ref), Layer(**{**layer, "urls": tuple(layer["urls"])}))
-             for ref, layer in sources]
+    pairs = [(parse(ref), layer) for ref, layer in sources]
     options = Options(ctx.settings.foreign_layers, ctx.settings.max_layer_bytes)
     digest, received = pairs[0][1].digest, 0
     for repo in repos:

@@ -34,6 +34,7 @@ class Context:
         self._recipes = recipes
         self._pid = os.getpid()
         self._resources: dict = {}
+        self.collections: dict = {}     # repo -> the garbage collection worked out at start
 
     def __getstate__(self) -> dict:
         return {"settings": self.settings, "_recipes": self._recipes, "writable": self.writable}

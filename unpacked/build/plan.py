@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..recipe import Input, Recipe
 from ..reference import ImageRef
@@ -40,7 +42,7 @@ class ImagePlan:
     def repo(self) -> str:
         return self.recipe.cvmfs_repo
 
-    @property
+    @cached_property
     def public(self) -> str:
         return self.recipe.public_path_of(self.ref)
 
@@ -129,12 +131,15 @@ def build_plan(ctx) -> Plan:
 
 def _add_image(plan: Plan, item: ImagePlan, image: PlatformImage) -> None:
     for layer in image.layers:
-        entry = plan.layers.setdefault(layer.digest, LayerPlan(layer.digest))
+        entry = plan.layers.get(layer.digest)
+        if entry is None:
+            entry = plan.layers[layer.digest] = LayerPlan(layer.digest)
         entry.sources.append((item.ref, layer))
         entry.repos.add(item.repo)
         entry.images.append(item.name)
-    flat = plan.flats.setdefault(image.config_digest,
-                                 FlatPlan(image.config_digest, item.name, image))
+    flat = plan.flats.get(image.config_digest)
+    if flat is None:
+        flat = plan.flats[image.config_digest] = FlatPlan(image.config_digest, item.name, image)
     flat.repos.add(item.repo)
     flat.images.append(item)
 
@@ -217,11 +222,27 @@ def gc_wants(ctx, plan: Plan, repo: str) -> gc.Wants:
 
 def gc_policy(settings) -> gc.Policy:
     return gc.Policy(settings.gc_grace, settings.gc_image_grace, settings.gc_max_deletions,
-                     settings.gc_prune_gone, settings.gc_max_dropped)
+                     settings.gc_prune_gone, settings.gc_max_dropped, settings.clock())
 
 
 def collection(ctx, plan: Plan, repo: str, clocks: dict[str, float]) -> gc.Collection:
     """The garbage collection of ``repo`` now; ``clocks`` are updated in place."""
-    repository: Repository = ctx.publisher(repo).repository()
+    publisher = ctx.publisher(repo)
+    repository: Repository = publisher.repository()
     return gc.compute(repository, repo, gc_wants(ctx, plan, repo), clocks,
-                      ctx.settings.clock(), gc_policy(ctx.settings))
+                      gc_policy(ctx.settings),
+                      gc.Survey.cached(repository, ctx.settings.cache_dir / "gc" /
+                                       f"{repo}.images.json", lambda: _stamp(publisher)))
+
+
+def _stamp(publisher) -> list:
+    """What a survey of the repository's metadata is valid for: its published revision and
+    identity; empty (never cached) while any transaction is under way or without a revision."""
+    revision = publisher.revision()
+    if not revision or not publisher.settled():
+        return []
+    try:
+        st = os.stat(publisher.root)
+    except OSError:
+        return []
+    return [revision, st.st_dev, st.st_ino]

@@ -171,9 +171,13 @@ class Refresher:
         return Outcome(wanted, resolved, None, changed)
 
     def run(self, recipes: list[Recipe], platforms_of: Callable,
-            threads: int = 16) -> tuple[list[Outcome], list[str]]:
-        """Resolve everything; returns outcomes per image and errors of wildcard expansion."""
+            threads: int | None = None) -> tuple[list[Outcome], list[str]]:
+        """Resolve everything; returns outcomes per image and errors of wildcard expansion.
+        Threads: as many as requests may be in flight (more only fight for the GIL)."""
         problems: list[str] = []
+        hosts = {i.ref.api_host for r in recipes for i in r.inputs}
+        threads = threads or max(1, min(64, self.per_registry * len(hosts)))
+        self.state.resolved("")             # the cache is read whole once, before the threads
         items = [(r, i) for r in recipes for i in r.inputs]
         wildcards = [i for _, i in items if i.ref.is_wildcard]
         expansions = dict(zip(map(id, wildcards),

@@ -8,6 +8,7 @@ when something changed or failed, every line timestamped), a line per task for a
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -18,6 +19,7 @@ from .. import log as logs
 from ..errors import EXIT_FAILED, EXIT_SETUP
 from .session import Session
 
+log = logging.getLogger(__name__)
 SHOWN = 20           # names listed per kind in a summary, then a count
 
 
@@ -58,6 +60,11 @@ class Reporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         self.task_names = set(tasks)
+        log.debug("%d tasks ready %.2fs after the start", len(tasks),
+                  time.monotonic() - self.session.started)
+        if not selected_tasks or any(t == "publish" or t.startswith("publish:")
+                                     for t in selected_tasks):
+            self.unchanged |= self.session.idle_images()   # never visited: nothing to do
 
     # -- per task -----------------------------------------------------------------------------
 
@@ -128,6 +135,7 @@ class Reporter(ConsoleReporter):
             session.finish(self._changed(), self.task_names)
         finally:
             session.release()
+        log.debug("run closed %.2fs after the start", time.monotonic() - session.started)
         self._summary()
         code = self._exit_code()
         session.report(self.record(code))

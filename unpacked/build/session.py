@@ -15,9 +15,11 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import multiprocessing.util
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import EXIT_SIGNAL, UnpackedError
 from ..repo.lock import Lock
@@ -45,6 +47,7 @@ class Session:
         self.problems: list[str] = []   # resolve problems to report at the end
         self.failed_resolves = 0
         self.worker_died = ""
+        self.idle_images: Callable[[], set[str]] = set   # images doit has no reason to visit
 
     # -- start --------------------------------------------------------------------------------
 
@@ -61,8 +64,12 @@ class Session:
             for repo in self.repos:
                 self.ctx.publisher(repo).recover()
             self.refresh()
+            mark = time.monotonic()
             self.ctx.replan()
+            log.debug("planned in %.2fs", time.monotonic() - mark)
+            mark = time.monotonic()
             self.record_clocks(warn_gone=True)
+            log.debug("garbage collection worked out in %.2fs", time.monotonic() - mark)
         except BaseException:
             self.release()
             raise
@@ -126,6 +133,7 @@ class Session:
         """Resolve every input over the network; failures are kept per image for its task."""
         ctx = self.ctx
         started = time.monotonic()
+        log.debug("resolving %.2fs after the start", started - self.started)
         refresher = Refresher(ctx.client, ctx.state, ctx.settings.registry_jobs)
         outcomes, problems = refresher.run(ctx.recipes.recipes, ctx.platforms_of)
         for line in problems:
@@ -151,6 +159,7 @@ class Session:
             clocks = clocks_file.load()
             result = collection(self.ctx, self.ctx.plan, repo, clocks)
             clocks_file.save(clocks)
+            self.ctx.collections[repo] = result
             for name in result.gone if warn_gone else ():
                 log.warning("%s: %s is gone upstream; kept (gc_prune_gone=1 removes it)", repo,
                             name)
@@ -191,6 +200,8 @@ class Session:
     def report(self, record: dict) -> None:
         """status.json, the metrics file and DUCC's end notification (never fatal)."""
         s = self.ctx.settings
+        if not os.access(s.cache_dir, os.W_OK):
+            return              # another user's cache (its run said why it could not start)
         record["repositories"] = {repo: {"revision": self.ctx.publisher(repo).revision()}
                                   for repo in self.repos}
         try:

@@ -21,7 +21,7 @@ from ..recipe import Input, Recipe, RecipeSet, read
 from ..reference import ImageRef, parse
 from ..settings import Settings
 from .context import Context
-from .dodo import doit_config
+from .dodo import doit_config, tune_gc
 from .session import Interrupted, Session
 from .tasks import Tasks
 
@@ -63,6 +63,7 @@ def restrict(recipes: list[Recipe], refs: list[ImageRef], adhoc_into: Recipe | N
 def convert(settings: Settings, images: list[str], recipe_path=None, adhoc: bool = False,
             wait: float = 0.0) -> tuple[int, list[str]]:
     """Convert ``images``; returns the exit code and the public paths."""
+    tune_gc()
     found = read(recipe_path or settings.recipe_path)
     if not found.recipes:
         raise RecipeError(found.problems or ["no recipe"])
@@ -84,6 +85,7 @@ def convert(settings: Settings, images: list[str], recipe_path=None, adhoc: bool
     except Interrupted:
         return EXIT_SIGNAL.get(session.interrupted or "", 130), []
     tasks = Tasks(ctx, collect=False)
+    session.idle_images = lambda: tasks.idle_images
     namespace = {"DOIT_CONFIG": doit_config(ctx, session), **tasks.namespace()}
     selected = [f"publish:{r}" for r in sorted({r.cvmfs_repo for r in recipes})]
     if any(r.output_format for r in recipes):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +57,21 @@ class ReadOnlyCache:
     def __contains__(self, key) -> bool:
         return self.get(key, _MISSING) is not _MISSING
 
+    def items(self) -> dict:
+        """Every string-keyed, unexpired entry, in one query (a run asks for each image's
+        state several times: ten thousand single reads cost seconds)."""
+        out = {}
+        now = time.time()
+        for key, mode, filename, value, expire in self.db.execute(
+                "SELECT key, mode, filename, value, expire_time FROM Cache WHERE raw = 1"):
+            if not isinstance(key, str) or (expire is not None and expire < now):
+                continue
+            try:
+                out[key] = self.disk.fetch(mode, filename, value, False)
+            except (OSError, ValueError, EOFError):
+                continue
+        return out
+
     def close(self) -> None:
         self.db.close()
 
@@ -84,48 +100,90 @@ def open_cache(folder: Path, writable: bool = True):
 
 
 class State:
+    """The cache, read whole at the first question and answered from memory after that
+    (writes go to both): one query instead of several per image and run."""
+
     def __init__(self, cache_dir: Path, writable: bool = True):
-        self.cache = open_cache(cache_dir / "state", writable)
+        self.folder = cache_dir / "state"
+        self.cache = open_cache(self.folder, writable)
         self.writable = isinstance(self.cache, diskcache.Cache)
+        self._memo: dict | None = None
+        self._parsed: dict[str, Resolved] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+    def _entries(self) -> dict:
+        with self._lock:
+            if self._memo is None:
+                self._memo = self._read_all()
+            return self._memo
+
+    def _read_all(self) -> dict:
+        if self.cache is None:
+            return {}
+        if isinstance(self.cache, ReadOnlyCache):
+            return self.cache.items()
+        try:
+            view = ReadOnlyCache(self.folder)
+        except (sqlite3.Error, KeyError):
+            return {}
+        try:
+            return view.items()
+        except sqlite3.Error:
+            return {}
+        finally:
+            view.close()
 
     @staticmethod
     def _key(kind: str, name: str, extra: str = "") -> str:
         return f"v{VERSION}\x1f{kind}\x1f{name}\x1f{extra}"
 
     def _get(self, key: str):
-        if self.cache is None:
-            return None
-        try:
-            return self.cache.get(key)
-        except Exception:          # noqa: BLE001 - an unreadable entry is an absent one
-            return None
+        return self._entries().get(key)
 
     def _set(self, key: str, value) -> None:
         if not self.writable:
             raise UnpackedError("the cache is read-only for this user; run as its owner")
+        entries = self._entries()
+        if entries.get(key, _MISSING) == value:
+            return                                   # a no-op run writes nothing
         try:
             self.cache.set(key, value)
         except (OSError, sqlite3.Error) as exc:
             raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
                 from None
+        with self._lock:
+            entries[key] = value
 
     def _delete(self, key: str) -> None:
-        if self.writable and key in self.cache:     # a read is far cheaper than a delete
+        entries = self._entries()
+        if self.writable and key in entries:
             self.cache.delete(key)
+            with self._lock:
+                entries.pop(key, None)
 
     def resolved(self, name: str) -> Resolved | None:
-        got = self._get(self._key("resolved", name))
+        """What ``name`` resolved to (the object is shared: read it, never change it)."""
+        key = self._key("resolved", name)
+        known = self._parsed.get(key)
+        if known is not None:
+            return known
+        got = self._get(key)
         try:
-            return Resolved.from_dict(got) if got else None
+            known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
+        if known is not None:
+            self._parsed[key] = known
+        return known
 
     def put_resolved(self, resolved: Resolved) -> None:
-        self._set(self._key("resolved", resolved.name), resolved.to_dict())
+        key = self._key("resolved", resolved.name)
+        self._set(key, resolved.to_dict())
+        self._parsed[key] = resolved
 
     def tags(self, name: str) -> list[str] | None:
         got = self._get(self._key("tags", name))

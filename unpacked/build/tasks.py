@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import cached_property
 
 from ..log import count
 from ..repo.layout import FLAT, LAYERS, METADATA, hex_of, public_target
-from . import actions
+from . import actions, doit_private
 from .context import Context
 from .plan import FlatPlan, ImagePlan, multiarch_name, public_link, thin_targets
 
@@ -110,8 +111,9 @@ class TransactionClosed:
 class NothingDue:
     """``gc:<repo>`` is up to date when nothing is due for deletion (no transaction then)."""
 
-    def __init__(self, ctx: Context, repo: str):
+    def __init__(self, ctx: Context, repo: str, settled=lambda: False):
         self.ctx, self.repo, self.why = ctx, repo, "not checked"
+        self.settled = settled                # no task of this run changes the repository
         self.answer: bool | None = None       # worked out once (the group row asks too)
 
     def __call__(self, task, values) -> bool:
@@ -120,9 +122,12 @@ class NothingDue:
         from .plan import collection
         if self.answer is not None:
             return self.answer
+        s = self.ctx.settings
+        # what the run worked out at its start holds while no task changed the repository
+        known = self.ctx.collections.get(self.repo) if self.settled() else None
         try:
-            clocks = Clocks(self.ctx.settings.cache_dir, self.repo).load()
-            result = collection(self.ctx, self.ctx.plan, self.repo, clocks)
+            result = known or collection(self.ctx, self.ctx.plan, self.repo,
+                                         Clocks(s.cache_dir, self.repo).load())
         except (OSError, UnpackedError) as exc:
             self.why = f"cannot plan: {exc}"
             return True
@@ -135,18 +140,65 @@ class NothingDue:
         return self.why
 
 
-class Tasks:
-    """The task generators of one run, bound to its context (``dodo.py`` exports them)."""
+class _Unchecked(dict):
+    """Every task's state when nobody asked for it."""
 
-    def __init__(self, ctx: Context, explain: bool = False, collect: bool = True):
+    def __missing__(self, key: str) -> tuple[bool, str]:
+        return True, "not checked"
+
+
+GROUPS = {      # the group rows: all ``doit list`` shows of the tasks below them
+    "layer": "Download, verify and unpack one layer into .layers/<hex>.",
+    "flat": "Merge an image's layers into .flat/<config hex>, an Apptainer sandbox.",
+    "platform": "Point .multiarch/<arch>/<name> at one platform's flat image.",
+    "image": "Write an image's metadata and point its public path at its flat image.",
+    "thin": "Push thin images (thin.json naming CVMFS paths).",
+    "publish": "Publish each repository's transaction.",
+    "gc": "Delete unreferenced images, flat images and layers past their grace period.",
+}
+
+
+class Tasks:
+    """The task generators of one run, bound to its context (``dodo.py`` exports them).
+
+    Every task's up-to-date answer is worked out once, first; a task depends only on the
+    tasks that are not up to date (``all_edges``: on all of them, for ``doit info`` and
+    ``doit -a``). A no-op run so reaches nothing but publish, gc and thin from its default
+    targets, and doit's scheduler never walks the tens of thousands of layers that are
+    already there; they stay tasks (``doit list``, ``doit layer:<hex>``, ``doit forget``).
+    """
+
+    def __init__(self, ctx: Context, explain: bool = False, collect: bool = True,
+                 all_edges: bool = False, groups_only: bool = False, status: bool = True):
         self.ctx = ctx
         self.explain = explain          # doit info: up-to-date objects that say why
         self.collect = collect          # garbage collection is part of a bare run
+        self.all_edges = all_edges or explain
+        self.groups_only = groups_only  # a bare `doit list`: it shows the group rows alone
+        self.status = status            # ... and their state only with -s
+        self._roots: dict[str, str] = {}
+        self._deps_of: dict[str, list[str]] = {}
 
     def namespace(self) -> dict:
-        return {f"task_{name}": getattr(self, f"task_{name}")
-                for name in ("_txn", "layer", "flat", "platform", "image", "gc", "publish",
-                             "thin")}
+        out = {f"task_{name}": getattr(self, f"task_{name}")
+               for name in ("_txn", "layer", "flat", "platform", "image", "gc", "publish",
+                            "thin")}
+        if self.groups_only:
+            out = {f"task_{name}": self._group_only(name, doc) for name, doc in GROUPS.items()}
+        return out
+
+    def _group_only(self, kind: str, doc: str):
+        """A generator of the group row alone (with its state when ``-s`` asks for it)."""
+        def generate():
+            if kind in ("publish", "gc"):     # their own checks (transaction, what is due)
+                yield next(getattr(self, f"task_{kind}")()) if self.status \
+                    else {"name": None, "doc": doc, "uptodate": [True]}
+                return
+            oks = [ok for task, (ok, _) in self.states.items() if task.startswith(kind + ":")] \
+                if self.status else [True]
+            yield self._group(doc, oks)
+        generate.__doc__ = doc
+        return generate
 
     def _uptodate(self, ok: bool, why: str) -> list:
         return [Status(ok, why)] if self.explain else [ok]
@@ -160,7 +212,135 @@ class Tasks:
         return f"_txn:{repo}"
 
     def _root(self, repo: str) -> str:
-        return str(self.ctx.settings.repo_root / repo)
+        root = self._roots.get(repo)
+        if root is None:
+            root = self._roots[repo] = str(self.ctx.settings.repo_root / repo)
+        return root
+
+    def _deps(self, names) -> list[str]:
+        """The dependencies a task needs to wait for: those not up to date."""
+        if self.all_edges:
+            return list(names)
+        states = self.states
+        return [n for n in names if not states[n][0]]
+
+    def _needs(self, name: str, deps: list[str]) -> bool:
+        """Some work for ``name``: itself or a dependency is not up to date."""
+        states = self.states
+        return not states[name][0] or any(not states[d][0] for d in deps)
+
+    # -- every task's up-to-date answer, once -------------------------------------------------
+
+    @cached_property
+    def by_name(self) -> dict[str, list[ImagePlan]]:
+        return dict(sorted(self.ctx.plan.by_name().items()))
+
+    @cached_property
+    def converted(self) -> dict[str, list[ImagePlan]]:
+        """Images that resolved (and whose public path is their own), by name."""
+        plan = self.ctx.plan
+        return {name: items for name, items in self.by_name.items()
+                if items[0].resolved is not None and not items[0].failure
+                and name not in plan.clashes}
+
+    @cached_property
+    def states(self) -> dict[str, tuple[bool, str]]:
+        if not self.status:                 # `doit list --all`: states are not shown
+            return _Unchecked()
+        plan = self.ctx.plan
+        recorded = plan.recorded
+        states: dict[str, tuple[bool, str]] = {}
+        self.layer_dirs: dict[str, list[str]] = {}
+        for digest, entry in plan.layers.items():
+            dirs = [os.path.join(self._root(r), LAYERS, hex_of(digest))
+                    for r in sorted(entry.repos)]
+            self.layer_dirs[digest] = dirs
+            task = f"layer:{hex_of(digest)}"
+            states[task] = layer_status(recorded.get(task, {}), digest, dirs)
+        for config, entry in plan.flats.items():
+            task = f"flat:{hex_of(config)}"
+            states[task] = flat_status(recorded.get(task, {}), self._flat_key(entry),
+                                       self._flat_dirs(entry), self._forced(entry))
+        for name, items in self.converted.items():
+            for task, _, checks, digest in self._platform_rows(name, items):
+                states[task] = link_status(recorded.get(task, {}), digest, checks)
+            checks, _ = self._image_checks(name, items)
+            task = f"image:{name}"
+            states[task] = link_status(recorded.get(task, {}), items[0].resolved.top_digest,
+                                       checks)
+            if any(i.recipe.output_format for i in items):
+                task = f"thin:{name}"
+                states[task] = thin_status(recorded.get(task, {}), thin_targets(items)[1])
+        for name in self.by_name:
+            states.setdefault(f"image:{name}", (False, "not converted"))
+        return states
+
+    def _flat_key(self, entry: FlatPlan) -> str:
+        """What a flat image is built from: its layers, the flatten mode, the sandbox."""
+        return hashlib.sha256(json.dumps([entry.config, [x.digest for x in entry.image.layers],
+                                          self.ctx.settings.flatten_mode, 1]).encode()
+                              ).hexdigest()
+
+    def _flat_dirs(self, entry: FlatPlan) -> list[str]:
+        return [os.path.join(self._root(r), FLAT, hex_of(entry.config))
+                for r in sorted(entry.repos)]
+
+    def _forced(self, flat: FlatPlan) -> str | None:
+        """``doit forget image:X`` re-flattens X: its record gone, its link still there."""
+        recorded = self.ctx.plan.recorded
+        for item in flat.images:
+            if f"image:{item.name}" not in recorded and \
+                    os.path.islink(os.path.join(self._root(item.repo), item.public)):
+                return f"image:{item.name} was forgotten: rebuilding its flat image"
+        return None
+
+    def _platform_rows(self, name: str, items: list[ImagePlan]):
+        """(task name, image, link checks, manifest digest) of each platform's link."""
+        if not items[0].multiarch:
+            return
+        repos = sorted({i.repo for i in items})
+        for image in items[0].images:
+            path = multiarch_name(image.arch, name)
+            checks = [(os.path.join(self._root(r), path),
+                       public_target(path, image.config_digest),
+                       os.path.join(self._root(r), METADATA, path)) for r in repos]
+            yield f"platform:{name}#{image.platform}", image, checks, image.manifest_digest
+
+    def _image_checks(self, name: str, items: list[ImagePlan]):
+        first = items[0]
+        variant = self.ctx.settings.publisher == "cvmfs"
+        checks, targets = [], []
+        for item in items:
+            root = self._root(item.repo)
+            link = public_link(item.public, name, first.images[0], first.multiarch,
+                               self.ctx.settings.cvmfs_arch, variant)
+            checks.append((os.path.join(root, item.public), link,
+                           os.path.join(root, METADATA, name)))
+            targets.append((item.repo, item.public, item.input.written))
+        return checks, targets
+
+    def _image_deps(self, name: str, items: list[ImagePlan]) -> list[str]:
+        deps = self._deps_of.get(name)
+        if deps is None:
+            images = items[0].images
+            deps = [f"flat:{hex_of(i.config_digest)}" for i in images]
+            deps += sorted({f"layer:{hex_of(x.digest)}" for i in images for x in i.layers})
+            if items[0].multiarch:
+                deps += [f"platform:{name}#{i.platform}" for i in images]
+            self._deps_of[name] = deps
+        return deps
+
+    @cached_property
+    def busy_images(self) -> set[str]:
+        """Images with work to do (theirs or a dependency's): what publish and gc wait for."""
+        return {name for name, items in self.converted.items()
+                if self.all_edges or self._needs(f"image:{name}", self._image_deps(name, items))} \
+            | {name for name in self.by_name if name not in self.converted}
+
+    @property
+    def idle_images(self) -> set[str]:
+        """Converted images with no work at all: doit never visits them (unchanged)."""
+        return set(self.converted) - self.busy_images
 
     # -- generators ---------------------------------------------------------------------------
 
@@ -172,215 +352,175 @@ class Tasks:
 
     def task_layer(self):
         """Download, verify and unpack one layer into .layers/<hex>."""
-        plan = self.ctx.plan
-        rows, states = [], []
+        plan, states = self.ctx.plan, self.states
+        rows, oks = [], []
         for digest, entry in sorted(plan.layers.items()):
+            ok, why = states[f"layer:{hex_of(digest)}"]
+            oks.append(ok)
             repos = sorted(entry.repos)
-            dirs = [os.path.join(self._root(r), LAYERS, hex_of(digest)) for r in repos]
-            ok, why = layer_status(plan.recorded.get(f"layer:{hex_of(digest)}", {}), digest, dirs)
-            states.append(ok)
             first = entry.sources[0][1]
-            sources = [(ref.url, {**vars(layer), "urls": list(layer.urls)})
-                       for ref, layer in entry.sources[:8]]
-            rows.append({
-                "name": hex_of(digest),
-                "actions": [(actions.ingest, [self.ctx, sources, repos])],
-                "uptodate": self._uptodate(ok, why),
-                "setup": [self._txn(r) for r in repos],
-                "doc": f"{max(first.size, 0):,} bytes, used by {count(len(entry.images), 'image')}",
-                "meta": {"status": why, "digest": digest, "diff_id": first.diff_id,
-                         "size": first.size, "media_type": first.media_type,
-                         "images": entry.images[:20], "folders": dirs},
-                "verbosity": 2})
-        yield self._group("Download, verify and unpack one layer into .layers/<hex>.", states)
-        yield from rows
-
-    def _forced(self, flat: FlatPlan) -> str | None:
-        """``doit forget image:X`` re-flattens X: its record gone, its link still there."""
-        recorded = self.ctx.plan.recorded
-        for item in flat.images:
-            if f"image:{item.name}" not in recorded and \
-                    os.path.islink(os.path.join(self._root(item.repo), item.public)):
-                return f"image:{item.name} was forgotten: rebuilding its flat image"
-        return None
+            row = {"name": hex_of(digest),
+                   "actions": [(actions.ingest, [self.ctx, [(ref.url, layer) for ref, layer
+                                                            in entry.sources[:8]], repos])],
+                   "uptodate": self._uptodate(ok, why),
+                   "setup": [self._txn(r) for r in repos],
+                   "doc": f"{max(first.size, 0):,} bytes, used by "
+                          f"{count(len(entry.images), 'image')}",
+                   "meta": {"images": entry.images},     # whom a failure is reported for
+                   "verbosity": 2}
+            if self.explain:
+                row["meta"] = {"status": why, "digest": digest, "diff_id": first.diff_id,
+                               "size": first.size, "media_type": first.media_type,
+                               "images": entry.images[:20], "folders": self.layer_dirs[digest]}
+            rows.append(row)
+        yield from doit_private.tasks_of("layer", self._group(GROUPS["layer"], oks), rows)
 
     def task_flat(self):
         """Merge an image's layers into .flat/<config hex>, an Apptainer sandbox."""
-        plan, s = self.ctx.plan, self.ctx.settings
-        rows, states = [], []
+        plan, states, s = self.ctx.plan, self.states, self.ctx.settings
+        rows, oks = [], []
         for config, entry in sorted(plan.flats.items()):
             image, repos = entry.image, sorted(entry.repos)
-            key = hashlib.sha256(json.dumps([config, [x.digest for x in image.layers],
-                                             s.flatten_mode, 1]).encode()).hexdigest()
-            dirs = [os.path.join(self._root(r), FLAT, hex_of(config)) for r in repos]
-            ok, why = flat_status(plan.recorded.get(f"flat:{hex_of(config)}", {}), key, dirs,
-                                  self._forced(entry))
-            states.append(ok)
-            rows.append({
-                "name": hex_of(config),
-                "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
-                "task_dep": [f"layer:{hex_of(x.digest)}" for x in image.layers],
-                "uptodate": self._uptodate(ok, why),
-                "setup": [self._txn(r) for r in repos],
-                "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
-                       f"{count(len(entry.images), 'image')}",
-                "meta": {"status": why, "config": config, "platform": image.platform,
-                         "images": [i.name for i in entry.images][:20],
-                         "layers": [x.digest for x in image.layers], "folders": dirs,
-                         "mode": s.flatten_mode},
-                "verbosity": 2})
-        yield self._group("Merge an image's layers into .flat/<config hex>, an Apptainer "
-                          "sandbox.", states)
-        yield from rows
-
-    def _converted(self) -> dict[str, list[ImagePlan]]:
-        """Images that resolved (and whose public path is their own), by name."""
-        plan = self.ctx.plan
-        return {name: items for name, items in sorted(plan.by_name().items())
-                if items[0].resolved is not None and not items[0].failure
-                and name not in plan.clashes}
+            ok, why = states[f"flat:{hex_of(config)}"]
+            oks.append(ok)
+            key = self._flat_key(entry)
+            row = {"name": hex_of(config),
+                   "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
+                   "task_dep": self._deps(f"layer:{hex_of(x.digest)}" for x in image.layers),
+                   "uptodate": self._uptodate(ok, why),
+                   "setup": [self._txn(r) for r in repos],
+                   "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
+                          f"{count(len(entry.images), 'image')}",
+                   "meta": {"images": [i.name for i in entry.images]},
+                   "verbosity": 2}
+            if self.explain:
+                row["meta"] = {"status": why, "config": config, "platform": image.platform,
+                               "images": [i.name for i in entry.images][:20],
+                               "layers": [x.digest for x in image.layers],
+                               "folders": self._flat_dirs(entry), "mode": s.flatten_mode}
+            rows.append(row)
+        yield from doit_private.tasks_of("flat", self._group(GROUPS["flat"], oks), rows)
 
     def task_platform(self):
         """Point .multiarch/<arch>/<name> at one platform's flat image (multi-platform images)."""
-        plan = self.ctx.plan
-        rows, states = [], []
-        for name, items in self._converted().items():
-            if not items[0].multiarch:
-                continue
+        states = self.states
+        rows, oks = [], []
+        for name, items in self.converted.items():
             repos = sorted({i.repo for i in items})
-            for image in items[0].images:
-                path = multiarch_name(image.arch, name)
-                checks = [(os.path.join(self._root(r), path),
-                           public_target(path, image.config_digest),
-                           os.path.join(self._root(r), METADATA, path)) for r in repos]
-                task = f"{name}#{image.platform}"
-                ok, why = link_status(plan.recorded.get(f"platform:{task}", {}),
-                                      image.manifest_digest, checks)
-                states.append(ok)
+            for task, image, _, digest in self._platform_rows(name, items):
+                ok, why = states[task]
+                oks.append(ok)
                 rows.append({
-                    "name": task,
+                    "name": task.split(":", 1)[1],
                     "actions": [(actions.link_platform,
                                  [self.ctx, name, image.config_digest, repos])],
-                    "task_dep": [f"flat:{hex_of(image.config_digest)}"],
+                    "task_dep": self._deps([f"flat:{hex_of(image.config_digest)}"]),
                     "uptodate": self._uptodate(ok, why),
                     "setup": [self._txn(r) for r in repos],
-                    "doc": f"{path} -> .flat/{hex_of(image.config_digest)[:12]}",
-                    "meta": {"status": why, "platform": image.platform,
-                             "manifest": image.manifest_digest, "config": image.config_digest},
+                    "doc": f"{multiarch_name(image.arch, name)} -> "
+                           f".flat/{hex_of(image.config_digest)[:12]}",
+                    "meta": {"status": why, "platform": image.platform, "manifest": digest,
+                             "config": image.config_digest},
                     "verbosity": 2})
-        yield self._group("Point .multiarch/<arch>/<name> at one platform's flat image.",
-                          states)
-        yield from rows
+        yield from doit_private.tasks_of("platform", self._group(GROUPS["platform"], oks), rows)
 
     def task_image(self):
         """Write an image's metadata and point its public path at its flat image."""
         plan = self.ctx.plan
         variant = self.ctx.settings.publisher == "cvmfs"
-        rows, states = [], []
-        converted = self._converted()
-        for name, items in sorted(plan.by_name().items()):
+        rows, oks = [], []
+        for name, items in self.by_name.items():
             first = items[0]
             meta = {"input": [i.input.written for i in items],
                     "recipe": [f"{i.recipe.path}:{i.input.line}" for i in items],
                     "repository": [i.repo for i in items],
-                    "public_path": [i.public for i in items]}
-            if name not in converted:
+                    "public_path": [i.public for i in items]} if self.explain else {}
+            if name not in self.converted:
                 reason = plan.clashes.get(name) or first.failure or \
                     f"{name}: not resolved yet (run doit)"
                 action = actions.gone if self._gone(items) else actions.fail
                 meta["failure"] = reason
-                states.append(False)
+                oks.append(False)
                 rows.append({"name": name, "actions": [(action, [self.ctx, reason])],
                              "meta": meta, "doc": "failed: " + reason, "verbosity": 2})
                 continue
-            rows.append(self._image_row(name, items, meta, variant, states))
-        yield self._group("Write an image's metadata and point its public path at its flat "
-                          "image.", states)
-        yield from rows
+            ok, why = self.states[f"image:{name}"]
+            oks.append(ok)
+            _, targets = self._image_checks(name, items)
+            row = {"name": name,
+                   "actions": [(actions.link, [self.ctx, name, targets, variant])],
+                   "task_dep": self._deps(self._image_deps(name, items)),
+                   "uptodate": self._uptodate(ok, why),
+                   "setup": sorted({self._txn(i.repo) for i in items}),
+                   "doc": f"{first.input.written} -> {', '.join(i.public for i in items)}",
+                   "verbosity": 2}
+            if self.explain:
+                row["meta"] = dict(meta, status=why, tag_digest=first.resolved.top_digest,
+                                   platforms=[i.platform for i in first.images],
+                                   missing_platforms=list(first.resolved.missing),
+                                   manifest=[i.manifest_digest for i in first.images],
+                                   config=[i.config_digest for i in first.images])
+            rows.append(row)
+        yield from doit_private.tasks_of("image", self._group(GROUPS["image"], oks), rows)
 
     def _gone(self, items: list[ImagePlan]) -> bool:
         """Converted before, and now 404 upstream: served on, reported, not a failure."""
         return self.ctx.state.gone(items[0].name) and any(
             os.path.islink(os.path.join(self._root(i.repo), i.public)) for i in items)
 
-    def _image_row(self, name: str, items: list[ImagePlan], meta: dict, variant: bool,
-                   states: list[bool]) -> dict:
-        first, plan = items[0], self.ctx.plan
-        images = first.images
-        checks, targets = [], []
-        for item in items:
-            root = self._root(item.repo)
-            link = public_link(item.public, name, images[0], first.multiarch,
-                               self.ctx.settings.cvmfs_arch, variant)
-            checks.append((os.path.join(root, item.public), link,
-                           os.path.join(root, METADATA, name)))
-            targets.append((item.repo, item.public, item.input.written))
-        ok, why = link_status(plan.recorded.get(f"image:{name}", {}),
-                              first.resolved.top_digest, checks)
-        states.append(ok)
-        deps = [f"flat:{hex_of(i.config_digest)}" for i in images]
-        deps += sorted({f"layer:{hex_of(x.digest)}" for i in images for x in i.layers})
-        if first.multiarch:
-            deps += [f"platform:{name}#{i.platform}" for i in images]
-        meta.update({"status": why, "tag_digest": first.resolved.top_digest,
-                     "platforms": [i.platform for i in images],
-                     "missing_platforms": list(first.resolved.missing),
-                     "manifest": [i.manifest_digest for i in images],
-                     "config": [i.config_digest for i in images]})
-        return {"name": name,
-                "actions": [(actions.link, [self.ctx, name, targets, variant])],
-                "task_dep": deps,
-                "uptodate": self._uptodate(ok, why),
-                "setup": sorted({self._txn(i.repo) for i in items}),
-                "doc": f"{first.input.written} -> {', '.join(i.public for i in items)}",
-                "meta": meta, "verbosity": 2}
+    def _changing(self, repo: str) -> bool:
+        """Some image of ``repo`` has work that writes to it in this run."""
+        return any(name in self.busy_images for name, items in self.converted.items()
+                   if any(i.repo == repo for i in items))
+
+    def _repo_images(self, repo: str) -> list[str]:
+        """The images of ``repo`` that publish and gc wait for."""
+        return [f"image:{name}" for name, items in self.by_name.items()
+                if name in self.busy_images and any(i.repo == repo for i in items)]
 
     def task_publish(self):
         """Publish each repository's transaction (nothing when the run changed nothing)."""
         plan = self.ctx.plan
         checks = [TransactionClosed(self.ctx, repo) for repo in plan.repos]
-        yield {"name": None, "doc": "Publish each repository's transaction.",
-               "uptodate": checks}
+        yield {"name": None, "doc": GROUPS["publish"], "uptodate": checks}
         for repo, closed in zip(plan.repos, checks, strict=True):
-            names = sorted({i.name for i in plan.images if i.repo == repo})
+            total = sum(1 for items in self.by_name.values() if any(i.repo == repo
+                                                                    for i in items))
             gc_dep = [f"gc:{repo}"] if self.collect else []
             yield {"name": repo, "actions": [(actions.publish, [self.ctx, repo])],
-                   "task_dep": [f"image:{n}" for n in names] + gc_dep,
+                   "task_dep": self._repo_images(repo) + gc_dep,
                    "uptodate": [closed],
-                   "doc": f"publish {repo} ({count(len(names), 'image')})", "verbosity": 2}
+                   "doc": f"publish {repo} ({count(total, 'image')})", "verbosity": 2}
 
     def task_thin(self):
         """Push thin images (thin.json naming CVMFS paths) for recipes with output_format."""
-        plan = self.ctx.plan
-        rows, states = [], []
-        for name, items in self._converted().items():
+        rows, oks = [], []
+        for name, items in self.converted.items():
             if not any(i.recipe.output_format for i in items):
                 continue
             targets, key = thin_targets(items)
-            ok, why = thin_status(plan.recorded.get(f"thin:{name}", {}), key)
-            states.append(ok)
+            ok, why = self.states[f"thin:{name}"]
+            oks.append(ok)
+            image = [f"image:{name}"] if name in self.busy_images else []
             rows.append({"name": name,
                          "actions": [(actions.push_thin, [self.ctx, name, targets, key])],
-                         "task_dep": sorted({f"publish:{i.repo}" for i in items})
-                         + [f"image:{name}"],
+                         "task_dep": sorted({f"publish:{i.repo}" for i in items}) + image,
                          "uptodate": self._uptodate(ok, why),
                          "doc": ", ".join(t[2] for t in targets),
                          "meta": {"status": why, "output": [t[2] for t in targets],
                                   "images": [name]},
                          "verbosity": 2})
-        yield self._group("Push thin images (thin.json naming CVMFS paths).", states)
-        yield from rows
+        yield from doit_private.tasks_of("thin", self._group(GROUPS["thin"], oks), rows)
 
     def task_gc(self):
         """Delete unreferenced images, flat images and layers past their grace period."""
         plan, s = self.ctx.plan, self.ctx.settings
-        checks = [NothingDue(self.ctx, repo) for repo in plan.repos]
-        yield {"name": None, "doc": "Delete unreferenced images, flat images and layers past "
-               "their grace period.", "uptodate": checks}
+        checks = [NothingDue(self.ctx, repo, lambda r=repo: not self._changing(r))
+                  for repo in plan.repos]
+        yield {"name": None, "doc": GROUPS["gc"], "uptodate": checks}
         for repo, due in zip(plan.repos, checks, strict=True):
-            names = sorted({i.name for i in plan.images if i.repo == repo})
             yield {"name": repo, "actions": [(actions.collect, [self.ctx, repo])],
-                   "task_dep": [f"image:{n}" for n in names],
+                   "task_dep": self._repo_images(repo),
                    "uptodate": [due], "setup": [self._txn(repo)],
                    "doc": f"garbage collection of {repo} (grace {s.gc_grace:g} days, at most "
                           f"{s.gc_max_deletions} deletions a run)", "verbosity": 2}

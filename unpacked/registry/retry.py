@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import socket
 import ssl
@@ -143,33 +144,83 @@ def track(manager: urllib3.PoolManager) -> urllib3.PoolManager:
     return manager
 
 
+class _Watchdog:
+    """One daemon thread that cuts the connections whose deadline passed (a thread per
+    request would cost more than the request)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh start (also in a forked child: the parent's lock may have been held at
+        the fork, and its thread is not there)."""
+        self.lock = threading.Lock()
+        self.watched: dict[int, tuple[float, Deadline]] = {}
+        self.thread: threading.Thread | None = None
+
+    def watch(self, deadline: Deadline) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="deadlines",
+                                               daemon=True)
+                self.thread.start()
+            self.watched[id(deadline)] = (time.monotonic() + deadline.seconds, deadline)
+
+    def unwatch(self, deadline: Deadline) -> None:
+        with self.lock:
+            self.watched.pop(id(deadline), None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self.lock:
+                due = [d for at, d in self.watched.values() if at <= now]
+                for d in due:
+                    del self.watched[id(d)]
+            for d in due:
+                d.cut()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _after_fork() -> None:
+    global _IN_FLIGHT_LOCK
+    _IN_FLIGHT_LOCK = threading.Lock()
+    _IN_FLIGHT.clear()
+    _WATCHDOG.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class Deadline:
     """Cut the connection this thread uses when an answer's headers are not all in within
     ``seconds`` (a server may send one byte a minute: every read is within the read timeout,
     and the whole would never end)."""
 
     def __init__(self, seconds: float):
-        self.seconds, self.fired = seconds, False
+        self.seconds, self.fired, self.active = seconds, False, True
         self.thread = threading.get_ident()
-        self.timer = threading.Timer(seconds, self._cut)
-        self.timer.daemon = True
 
-    def _cut(self) -> None:
-        with _IN_FLIGHT_LOCK:
-            conn = _IN_FLIGHT.get(self.thread)
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            self.fired = True
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    def cut(self) -> None:
+        with _IN_FLIGHT_LOCK:       # never the connection of this thread's next request
+            conn = _IN_FLIGHT.get(self.thread) if self.active else None
+            sock = getattr(conn, "sock", None)
+            if sock is not None:    # under the lock: __exit__ cannot be half-way meanwhile
+                self.fired = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> Deadline:
-        self.timer.start()
+        _WATCHDOG.watch(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.timer.cancel()
+        _WATCHDOG.unwatch(self)
         with _IN_FLIGHT_LOCK:
+            self.active = False
             _IN_FLIGHT.pop(self.thread, None)
 
 

@@ -20,12 +20,14 @@ deleted through ``repo.fs``: a symlink in the repository is never followed.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
 import os
 import posixpath
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UnpackedError
@@ -140,6 +142,52 @@ def scan_images(repo: Repository, under: str = "") -> dict[str, Existing]:
     return found
 
 
+@dataclass
+class Survey:
+    """The converted images of a repository, from its metadata (``scan_images``): reading
+    ten thousand ``image.json`` files costs seconds, so a survey is kept in ``cache/gc/`` for
+    the published revision it was read at. The metadata changes only inside transactions,
+    and each publish makes a new revision; a survey is never kept while one is open."""
+
+    images: dict[str, Existing]
+    platforms: dict[str, Existing]
+
+    @classmethod
+    def read(cls, repo: Repository) -> Survey:
+        return cls(scan_images(repo), scan_images(repo, MULTIARCH))
+
+    @classmethod
+    def cached(cls, repo: Repository, path: Path, stamp_now: Callable[[], list]) -> Survey:
+        """The survey for the repository's stamp (revision and identity), read again when the
+        cached one is for another. An empty stamp is never cached, nor a scan during which
+        the stamp changed (a transaction opened meanwhile)."""
+        stamp = stamp_now()
+        if stamp:
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("stamp") == stamp and doc.get("version") == 1:
+                    return cls({k: Existing(**v) for k, v in doc["images"].items()},
+                               {k: Existing(**v) for k, v in doc["platforms"].items()})
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                pass
+        survey = cls.read(repo)
+        if stamp and stamp_now() == stamp:
+            survey._store(path, stamp)
+        return survey
+
+    def _store(self, path: Path, stamp: list) -> None:
+        doc = {"version": 1, "stamp": stamp,
+               "images": {k: asdict(v) for k, v in self.images.items()},
+               "platforms": {k: asdict(v) for k, v in self.platforms.items()}}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(doc))
+            os.replace(tmp, path)
+
+
 def _flat_of(link_dir: str, target: str) -> str | None:
     """The config digest a symlink at ``link_dir`` names through ``.flat/<hex>``, if any."""
     path = posixpath.normpath(posixpath.join(link_dir, target))
@@ -190,9 +238,9 @@ def linked(repo: Repository) -> tuple[set[str], set[str]]:
 def scan_digests(repo: Repository, area: str) -> list[str]:
     try:
         with repo.open_area(area, create=False) as folder:
-            names = folder.names()
-            return sorted("sha256:" + n for n in names
-                          if not is_temp(n) and folder.is_dir(n) and is_digest("sha256:" + n))
+            return sorted("sha256:" + e.name for e in folder.scandir()
+                          if not is_temp(e.name) and e.is_dir(follow_symlinks=False)
+                          and is_digest("sha256:" + e.name))
     except FileNotFoundError:
         return []
 
@@ -234,6 +282,7 @@ class Policy:
     limit: int
     prune_gone: bool
     max_dropped: int | None = None       # None: 10, and never more than a tenth
+    now: float = 0.0                     # the moment the collection is worked out for
 
 
 class _Collect:
@@ -327,13 +376,16 @@ class _Collect:
                                                       "no kept image uses it", self.knobs.grace))
 
 
-def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float], now: float,
-            knobs: Policy) -> Collection:
-    """What is due, pending and waiting; ``clocks`` is updated in place."""
+def compute(repo: Repository, name: str, wants: Wants, clocks: dict[str, float],
+            knobs: Policy, survey: Survey | None = None) -> Collection:
+    """What is due at ``knobs.now``, pending and waiting; ``clocks`` is updated in place.
+    ``survey``: the repository's converted images, when already known (else read)."""
+    now = knobs.now
     result = Collection(name)
     run = _Collect(repo, wants, clocks, now, knobs, result)
-    run.images(scan_images(repo))
-    run.platforms(scan_images(repo, MULTIARCH))
+    survey = survey or Survey.read(repo)
+    run.images(survey.images)
+    run.platforms(survey.platforms)
     result.protected = run.publics()
     run.objects()
     live = {c.key for c in run.candidates}

@@ -111,6 +111,8 @@ class Journal:
         return int(self.published().get("revision", 0))
 
     def published(self) -> dict:
+        if not os.path.isfile(self.root / STATE / PUBLISHED):
+            return {}           # nothing published yet; and a look creates no folder
         try:
             with self._state() as state:
                 data = state.read_bytes(PUBLISHED)

@@ -10,6 +10,7 @@ publisher, journals before it replaces).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -26,6 +27,7 @@ STATE = ".unpacked"                # the local publisher's journal and revision
 RESERVED = (LAYERS, FLAT, METADATA, MULTIARCH, STATE, CATALOG, ".cvmfsdirtab")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def hex_of(digest: str) -> str:
     """The folder name of a digest; anything but a checked digest is refused."""
     if not is_digest(digest):

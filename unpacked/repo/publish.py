@@ -73,6 +73,10 @@ class Publisher:
     def is_open(self) -> bool:
         raise NotImplementedError
 
+    def settled(self) -> bool:
+        """No transaction of any kind (ours or another's, opening or closing) is under way."""
+        return not self.is_open()
+
     def check(self, path: str) -> None:
         """The guard of every write under the root: only inside our open transaction."""
         if not self.is_open():
@@ -218,6 +222,9 @@ class CvmfsPublisher(Publisher):
             return int(os.getxattr(self.root, "user.revision"))
         except (OSError, ValueError):
             return 0
+
+    def settled(self) -> bool:
+        return self._state() is None and not self._foreign()
 
     def _foreign(self) -> bool:
         return (self.spool / "in_transaction.lock").exists()
