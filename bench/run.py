@@ -246,8 +246,11 @@ class Bench:
         self.cold("app", "bench/app:v1", self.info["app_layers"], copy=True)
         self.profile()
         self.variants()
+        self.multiarch()
         self.large()
         self.amplification()
+        if not self.args.quick:     # the test suite runs these tests itself
+            self.from_tests()
         self.scale_curve()
 
     def cold(self, name: str, image: str, layers: list[str], copy: bool) -> None:
@@ -326,6 +329,64 @@ class Bench:
                             self.ours("variants", names, "-n", "1"))
         finally:
             proxy.stop()
+
+    def multiarch(self) -> None:
+        """Two platforms: the variants (amd64 and arm64/v8, each with its own base), and the
+        no-op run of ``many`` as two-platform images against the same images single."""
+        two = "linux/amd64,linux/arm64/v8"
+        names = [f"bench/variants2:{t}" for t in self.info["variants2"]]
+        for _ in range(self.args.runs):
+            self.record("variants, two platforms: cold convert of 5, -n 2",
+                        self.ours("variants2", names, "-n", "2", platforms=two))
+        many2 = self.info["many2"]
+        single = [f"bench/many:t{t[1:]}" for t in many2]
+        double = [f"bench/many:{t}" for t in many2]
+        n = len(many2)
+        self.record(f"two platforms: cold convert of {n}",
+                    self.ours("ma2", double, platforms=two))
+        self.record(f"one platform: cold convert of {n}", self.ours("ma1", single))
+        multiarch = self.work / "site-ma2" / "cvmfs" / "bench.cern.ch" / ".multiarch"
+        links = {arch.name: sum(1 for _ in (arch / self.host / "bench").glob("many:m*"))
+                 for arch in multiarch.iterdir() if not arch.is_symlink()}
+        self.notes["two platforms"] = f"{n} images published as .multiarch links: {links}"
+        for _ in range(self.args.runs):
+            self.record(f"two platforms: no-op run, {n} images",
+                        self.ours("ma2", double, keep=True, platforms=two))
+            self.record(f"one platform: no-op run, {n} images",
+                        self.ours("ma1", single, keep=True))
+        for label in ("ma1", "ma2", "variants2"):
+            shutil.rmtree(self.work / f"site-{label}", ignore_errors=True)
+        ratio = self.med(f"two platforms: no-op run, {n} images") / \
+            self.med(f"one platform: no-op run, {n} images")
+        self.target(f"no-op run, {n} two-platform images / single-platform", f"{ratio:.2f}",
+                    "≤ 1.2", ratio <= 1.2)
+
+    def from_tests(self) -> None:
+        """Figures that the test suite measures on real parts, recorded here: the peak RSS of
+        ingesting each layer of the hostile corpus, and push-to-published seconds through
+        ``unpacked listen`` with a docker-registry notifying it (median of 5)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             "tests/image/test_memory.py",
+             "tests/service/test_listen.py::test_a_push_reaches_the_repository_without_cron"],
+            cwd=PROJECT, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the measuring tests failed:\n{done.stdout[-3000:]}")
+        corpus = []
+        for line in done.stdout.splitlines():
+            if ": peak RSS " in line:
+                kind, rest = line.split(": peak RSS ", 1)
+                mib = float(rest.split()[0])
+                name = kind.split()[-1].lstrip(".")
+                self.record(f"peak memory, ingest of hostile layer {name}", mib)
+                corpus.append(mib)
+            elif "push to published: median" in line:
+                seconds = [float(x) for x in line.split("of [", 1)[1].rstrip("]").split(",")]
+                for x in seconds:
+                    self.record("listen: push to published", x)
+        worst = max(corpus)
+        self.target("peak memory, ingest of any hostile layer", f"{worst:.0f} MiB",
+                    "≤ 150 MiB", worst <= 150)
 
     def large(self) -> None:
         """40 layers; 300,000 files in one layer: memory, and time per byte against the

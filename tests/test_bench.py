@@ -19,7 +19,9 @@ def test_quick_benchmark_runs(tmp_path):
                 "cold convert wide / pipelined floor", "peak memory, cold convert files",
                 "no-op run, 20 images / HEAD floor", "doit list, 20 images",
                 "variants: cold convert of 5, -n 1", "| 20 | ", "Growth from the smallest",
-                "a tag move changing only the top layer", "profile: cold convert of app"):
+                "a tag move changing only the top layer", "profile: cold convert of app",
+                "variants, two platforms: cold convert of 5, -n 2",
+                "no-op run, 20 two-platform images / single-platform"):
         assert row in text, row
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "base fetched 1 time(s)" in text
