@@ -137,13 +137,15 @@ def test_a_failed_transaction_stops_the_run_and_writes_nothing(registry, layout,
     assert [c[0] for c in site.calls()] == ["mkfs", "transaction"]
 
 
-def test_signals_never_cut_a_publish(registry, layout, cvmfs_site):
+@pytest.mark.parametrize("jobs, seconds", [("1", 3), ("2", 14)])
+def test_signals_never_cut_a_publish(registry, layout, cvmfs_site, jobs, seconds):
+    """Also when a worker publishes and the publish outlasts the grace a worker is given."""
     site = cvmfs_site
     repo = unique("slowpub")
     push(registry, layout, repo, "v1", [Entry("a", b"a")])
     site.recipe([f"http://{registry.host}/{repo}:v1"])
-    site.env["CVMFS_STANDIN_SLEEP"] = "publish:3"
-    run = site.start("-n", "1")
+    site.env["CVMFS_STANDIN_SLEEP"] = f"publish:{seconds}"
+    run = site.start("-n", jobs)
     log = site.state / "calls.log"
     deadline = time.time() + 60
     while time.time() < deadline and not (site.state / "spool" / site.repo /

@@ -109,15 +109,27 @@ class Session:
             time.sleep(0.2)
 
     def stop_workers(self) -> None:
-        """End doit's workers (an interrupted doit may not have told them to stop)."""
+        """End doit's workers (an interrupted doit may not have told them to stop). A worker
+        inside ``cvmfs_server transaction`` or ``publish`` defers the signal; it is waited
+        for however long that takes, never killed: a cut publish damages the repository."""
         children = list(multiprocessing.process._children)
         for child in children:
             child.terminate()
+        said = False
         for child in children:
             child.join(timeout=10)
+            while child.exitcode is None and self._closing():
+                if not said:
+                    log.warning("waiting for a publish under way in a worker to finish")
+                    said = True
+                child.join(timeout=1)
             if child.exitcode is None:
                 child.kill()
                 child.join(timeout=10)
+
+    def _closing(self) -> list[str]:
+        """The repositories where a transaction is being opened or published right now."""
+        return [repo for repo in self.repos if self.ctx.publisher(repo).closing()]
 
     def on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum).name

@@ -73,6 +73,10 @@ class Publisher:
     def is_open(self) -> bool:
         raise NotImplementedError
 
+    def closing(self) -> bool:
+        """A process of this run is inside a step that must not be cut (open, publish)."""
+        return False
+
     def settled(self) -> bool:
         """No transaction of any kind (ours or another's, opening or closing) is under way."""
         return not self.is_open()
@@ -225,6 +229,9 @@ class CvmfsPublisher(Publisher):
 
     def settled(self) -> bool:
         return self._state() is None and not self._foreign()
+
+    def closing(self) -> bool:
+        return self._state() in ("opening", "publishing")
 
     def _foreign(self) -> bool:
         return (self.spool / "in_transaction.lock").exists()
