@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import log, recipe, reference, settings
-from .errors import UnpackedError
+from .errors import UnpackedError, from_os
 
 
 def _settings(project: Path | None) -> settings.Settings:
@@ -241,6 +241,9 @@ def main() -> None:
         for line in exc.messages():
             click.echo(f"error: {line}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:              # the machine's state (disk full, read-only), not a bug
+        click.echo(f"error: {from_os(exc)}", err=True)
+        sys.exit(from_os(exc).exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

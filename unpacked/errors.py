@@ -95,3 +95,18 @@ class BadDocument(RegistryError):
 
 class Unreachable(RegistryError):
     """The registry cannot be reached at all (name resolution, TLS, refused connection)."""
+
+
+class LocalFileError(UnpackedError):
+    """A file of this machine cannot be read or written (disk full, read-only, permissions)."""
+
+
+HINTS = {28: "the disk is full", 30: "the file system is read-only", 13: "permission denied",
+         122: "the disk quota is exceeded"}
+
+
+def from_os(exc: OSError) -> LocalFileError:
+    """An OSError of the machine as one line naming the file and what is wrong."""
+    where = exc.filename or "a local file"
+    what = HINTS.get(exc.errno or 0) or exc.strerror or str(exc)
+    return LocalFileError(f"cannot write or read {where}: {what}")

@@ -117,6 +117,30 @@ def test_environment_mistakes_are_one_line(converted, tmp_path):
     assert "Traceback" not in unpack.stderr
 
 
+def test_a_full_cache_disk_is_one_line_and_unpublishes_nothing(converted, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    site, _ = converted
+    before = snapshot(site.repo_root)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={full / 'filler'}", "bs=4k"],
+                       capture_output=True)
+        site.env["UNPACKED_CACHE"] = str(full)
+        for args in ((), ("gc",)):
+            done = site.doit(*args)
+            out = done.stdout + done.stderr
+            assert done.returncode == 3, out
+            assert "disk is full" in out and "Traceback" not in out, out
+        done = unpacked(site, "convert", "--adhoc", "http://127.0.0.1:1/x:y")
+        assert "Traceback" not in done.stdout + done.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+    assert snapshot(site.repo_root) == before
+
+
 def test_credentials_file_mistake_names_the_file(basic_registry, layout, site, tmp_path):
     registry = basic_registry                     # it asks for credentials
     repo = unique("creds")
@@ -164,9 +188,11 @@ def test_gc_dry_run_changes_nothing_and_needs_a_repository(converted):
     clocks = site.cache / "gc" / f"{site.repo}.json"
     before = (clocks.read_bytes(), os.stat(clocks).st_mtime_ns)
     repo_before = snapshot(site.repo_root)
+    cached = {p.name: p.stat().st_mtime_ns for p in (site.cache / "gc").iterdir()}
     done = unpacked(site, "gc", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert (clocks.read_bytes(), os.stat(clocks).st_mtime_ns) == before
+    assert {p.name: p.stat().st_mtime_ns for p in (site.cache / "gc").iterdir()} == cached
     assert snapshot(site.repo_root) == repo_before
     site.env["UNPACKED_ROOT"] = str(site.base / "elsewhere")
     done = unpacked(site, "gc", "--dry-run")

@@ -254,7 +254,7 @@ def collect(ctx: Context, repo: str) -> dict:
     from .plan import collection
     clocks_file = gc.Clocks(ctx.settings.cache_dir, repo)
     clocks = clocks_file.load()
-    result = collection(ctx, ctx.plan, repo, clocks)
+    result = collection(ctx, ctx.plan, repo, clocks, remember=True)
     repository = ctx.publisher(repo).repository()
     deleted, errors = [], []
     now = ctx.settings.clock()

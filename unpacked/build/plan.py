@@ -225,14 +225,16 @@ def gc_policy(settings) -> gc.Policy:
                      settings.gc_prune_gone, settings.gc_max_dropped, settings.clock())
 
 
-def collection(ctx, plan: Plan, repo: str, clocks: dict[str, float]) -> gc.Collection:
-    """The garbage collection of ``repo`` now; ``clocks`` are updated in place."""
+def collection(ctx, plan: Plan, repo: str, clocks: dict[str, float],
+               remember: bool = False) -> gc.Collection:
+    """The garbage collection of ``repo`` now; ``clocks`` are updated in place. ``remember``:
+    keep the survey of the repository in cache/ (a run does; a look writes nothing)."""
     publisher = ctx.publisher(repo)
     repository: Repository = publisher.repository()
+    survey = ctx.settings.cache_dir / "gc" / f"{repo}.images.json"
     return gc.compute(repository, repo, gc_wants(ctx, plan, repo), clocks,
                       gc_policy(ctx.settings),
-                      gc.Survey.cached(repository, ctx.settings.cache_dir / "gc" /
-                                       f"{repo}.images.json", lambda: _stamp(publisher)))
+                      gc.Survey.cached(repository, survey, lambda: _stamp(publisher), remember))
 
 
 def _stamp(publisher) -> list:

@@ -16,7 +16,7 @@ from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from .. import log as logs
-from ..errors import EXIT_FAILED, EXIT_SETUP
+from ..errors import EXIT_FAILED, EXIT_SETUP, from_os
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class Reporter(ConsoleReporter):
             self.published |= published
             self.gc["errors"] += errors
             session.finish(self._changed(), self.task_names)
+        except OSError as exc:          # what is published stays; the records are behind
+            self.runtime_errors.append(f"after publishing: {from_os(exc)}")
         finally:
             session.release()
         log.debug("run closed %.2fs after the start", time.monotonic() - session.started)

@@ -169,7 +169,7 @@ class Session:
         for repo in self.repos:
             clocks_file = gc.Clocks(self.ctx.settings.cache_dir, repo)
             clocks = clocks_file.load()
-            result = collection(self.ctx, self.ctx.plan, repo, clocks)
+            result = collection(self.ctx, self.ctx.plan, repo, clocks, remember=True)
             clocks_file.save(clocks)
             self.ctx.collections[repo] = result
             for name in result.gone if warn_gone else ():

@@ -157,7 +157,8 @@ class Survey:
         return cls(scan_images(repo), scan_images(repo, MULTIARCH))
 
     @classmethod
-    def cached(cls, repo: Repository, path: Path, stamp_now: Callable[[], list]) -> Survey:
+    def cached(cls, repo: Repository, path: Path, stamp_now: Callable[[], list],
+               remember: bool = True) -> Survey:
         """The survey for the repository's stamp (revision and identity), read again when the
         cached one is for another. An empty stamp is never cached, nor a scan during which
         the stamp changed (a transaction opened meanwhile)."""
@@ -171,7 +172,7 @@ class Survey:
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 pass
         survey = cls.read(repo)
-        if stamp and stamp_now() == stamp:
+        if remember and stamp and stamp_now() == stamp:
             survey._store(path, stamp)
         return survey
 
