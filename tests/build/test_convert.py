@@ -119,6 +119,15 @@ def test_status_says_what_the_run_did(registry, layout, site):
     states = {i["name"].split("/", 1)[1]: i["state"] for i in doc["images"]}
     assert states[f"{good}:v1"] == "published"
     assert sorted(states.values()) == ["failed", "published"]
+    shown_good = next(i for i in doc["images"] if i["name"].endswith(f"{good}:v1"))
+    pushed = json.loads((site.repo_root / ".metadata" / shown_good["name"] /
+                         "image.json").read_text())
+    assert shown_good["platforms"][0]["config"] == pushed["config_digest"]
+    assert shown_good["tag_digest"].startswith("sha256:") and shown_good["failure"] is None
+    assert shown_good["public_paths"] == [shown_good["name"]]       # under the repository
+    assert (site.repo_root / shown_good["public_paths"][0]).is_symlink()
+    failed = next(i for i in doc["images"] if i["state"] == "failed")
+    assert "registry answered 404 MANIFEST_UNKNOWN" in failed["failure"]
 
     limited = convert(site, f"{registry.host}/{good}:v1")          # the listener's kind of run
     assert limited.returncode == 0, limited.stdout + limited.stderr

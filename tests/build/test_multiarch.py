@@ -121,6 +121,9 @@ def test_a_dropped_platform_goes_and_a_moved_one_alone_is_rebuilt(registry, layo
     assert (site.repo_root / ".multiarch/arm64:v8" / name / "arch").read_bytes() == \
         b"arm64v8-new"
     site.env["UNPACKED_PLATFORMS"] = "linux/amd64,linux/arm64"
+    dry = subprocess.run(["unpacked", "gc", "--dry-run"], env=site.env, cwd=site.base,
+                         capture_output=True, text=True)
+    assert "platform arm:v7/" in dry.stdout and "platform ppc64le/" in dry.stdout, dry.stdout
     done = site.doit()
     assert done.returncode == 0, done.stdout
     assert "deleted platform arm:v7/" in done.stdout and "deleted platform ppc64le/" in \
@@ -134,6 +137,28 @@ def test_a_dropped_platform_goes_and_a_moved_one_alone_is_rebuilt(registry, layo
     assert "flat image " + moved["linux/arm/v7"].config_digest[7:] in dry.stdout
 
 
+def test_a_no_op_is_one_head_per_tag_and_platform_is_an_alias(registry, layout, site, proxy):
+    repo = unique("noop")
+    push_index(registry, layout, repo)
+    site.recipe([f"http://{proxy.host}/{repo}:v1"])
+    assert site.doit().returncode == 0
+    proxy.clear()
+    done = site.doit()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert proxy.count("HEAD") == 1 and proxy.count("GET") == 0, proxy.received
+    name = f"{proxy.host}/{repo}:v1"
+    for i, (env, args) in enumerate([({"UNPACKED_PLATFORM": "linux/arm64/v8"}, []),
+                                     ({}, ["platform=linux/arm64/v8"])]):
+        alias = Site(site.base.parent / f"alias{i}")     # the deprecated single name
+        alias.env.update(env)
+        alias.recipe([f"http://{proxy.host}/{repo}:v1"])
+        done = alias.doit(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (alias.repo_root / name / "arch").read_bytes() == b"arm64v8"
+        assert not (alias.repo_root / ".multiarch").exists(), "one platform: today's layout"
+        alias.close()
+
+
 def test_a_platform_the_index_lacks_is_reported_not_failed(registry, layout, site):
     repo = unique("lacks")
     push_index(registry, layout, repo)
@@ -143,6 +168,7 @@ def test_a_platform_the_index_lacks_is_reported_not_failed(registry, layout, sit
     assert done.returncode == 0, done.stdout + done.stderr
     assert "not offered for linux/s390x" in done.stderr
     name = f"{registry.host}/{repo}:v1"
+    assert f"platforms not offered: {name}: linux/s390x" in done.stdout + done.stderr
     assert os.readlink(site.repo_root / name).startswith("../../.flat/")
     assert not (site.repo_root / ".multiarch").exists(), "one platform: today's layout"
     site.env["UNPACKED_PLATFORMS"] = "linux/s390x"

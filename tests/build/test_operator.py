@@ -274,6 +274,19 @@ def test_an_image_gone_upstream_is_served_reported_not_failed(registry, layout, 
 
 # -- output an operator can use ----------------------------------------------------------------
 
+def test_a_summary_names_up_to_twenty_then_counts(registry, layout, site):
+    repo = unique("many")
+    push_simple(registry, layout, repo)
+    tags = [f"t{i:02d}" for i in range(23)]
+    registry.retag(repo, "v1", tags)
+    site.recipe([f"http://{registry.host}/{repo}:{t}" for t in tags])
+    done = site.doit()
+    assert done.returncode == 0, done.stdout + done.stderr
+    named = [x for x in unstamped(done.stdout) if x.startswith("  added ")]
+    assert len(named) == 20 and named[0].endswith(f"{repo}:t00")
+    assert "  added: 3 more" in unstamped(done.stdout), done.stdout
+
+
 def test_cron_output_is_stamped_and_names_what_changed(registry, layout, tmp_path):
     site = Site(tmp_path / "cv", publisher="cvmfs")
     try:

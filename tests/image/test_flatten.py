@@ -137,7 +137,7 @@ def test_plan_writes_each_path_once():
             (fs / "shared" / "same").write_text(str(i))
             (fs / f"own{i}").write_text(str(i))
             layerfs.append(Dir.root(fs))
-        plan = flatten.plan(layerfs, [{}] * 5)
+        plan = flatten.merge(layerfs, [{}] * 5)
         rels = plan.ordered()
         assert len(rels) == len(set(rels)) == 7
         assert plan.decided["shared/same"][0] == 4

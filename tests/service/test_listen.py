@@ -364,3 +364,59 @@ def test_a_bad_bind_is_one_line(tmp_path, bind, message):
                           text=True, timeout=30)
     assert done.returncode == 3 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_secret_comes_from_a_setting_or_a_file(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from unpacked.errors import UnpackedError
+    from unpacked.service.listen import secret_of
+    path = tmp_path / "secret"
+    path.write_text("from-a-file\n")
+    path.chmod(0o600)
+    assert secret_of(SimpleNamespace(listen_secret="", listen_secret_file=path), False) == \
+        "from-a-file"
+    assert secret_of(SimpleNamespace(listen_secret="set", listen_secret_file=path), False) == \
+        "set"
+    assert "others can read it" not in caplog.text
+    path.chmod(0o644)
+    secret_of(SimpleNamespace(listen_secret="", listen_secret_file=path), False)
+    assert "others can read it" in caplog.text
+    path.write_text("\n")
+    with pytest.raises(UnpackedError, match="no shared secret"):
+        secret_of(SimpleNamespace(listen_secret="", listen_secret_file=path), False)
+    assert secret_of(SimpleNamespace(listen_secret="", listen_secret_file=path), True) is None
+    with pytest.raises(UnpackedError, match=f"listen_secret_file {tmp_path / 'nope'}"):
+        secret_of(SimpleNamespace(listen_secret="", listen_secret_file=tmp_path / "nope"), True)
+
+
+def test_insecure_no_auth_accepts_without_a_secret(tmp_path):
+    site = Site(tmp_path / "site")
+    site.recipe(["http://127.0.0.1:1/wanted/app:v1"])
+    env = {k: v for k, v in site.env.items() if not k.startswith("UNPACKED_LISTEN")}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "unpacked", "listen", "--bind",
+                             f"127.0.0.1:{port}", "--project", str(site.base),
+                             "--insecure-no-auth"], env={**env, "UNPACKED_LISTEN_DEBOUNCE": "60"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/events"
+        wait_for(lambda: _answers(url))
+        request = urllib.request.Request(url, data=event_for("127.0.0.1:1/wanted/app:v1"),
+                                         headers={"Content-Type": "application/json"})
+        assert urllib.request.urlopen(request, timeout=10).status == 202
+        assert pending_names(site) == ["127.0.0.1:1/wanted/app:v1"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        site.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url.replace("/events", "/healthz"), timeout=1)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False

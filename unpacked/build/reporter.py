@@ -186,7 +186,17 @@ class Reporter(ConsoleReporter):
         for line in items[:SHOWN]:
             self.write(f"  {label} {line}\n")
         if len(items) > SHOWN:
-            self.write(f"  {label}: {len(items) - SHOWN} more\n")
+            self.write(f"  {label.rstrip(':')}: {len(items) - SHOWN} more\n")
+
+    def _not_offered(self, names: list[str]) -> list[str]:
+        """Converted images whose index lacks a platform asked for (not a failure)."""
+        by_name = self.session.ctx.plan.by_name()
+        out = []
+        for name in names:
+            resolved = by_name[name][0].resolved if by_name.get(name) else None
+            if resolved is not None and resolved.missing:
+                out.append(f"{name}: {', '.join(resolved.missing)}")
+        return out
 
     def _summary(self) -> None:
         session = self.session
@@ -212,6 +222,7 @@ class Reporter(ConsoleReporter):
         self.write(line + "\n")
         self._list("added", added)
         self._list("updated", updated)
+        self._list("platforms not offered:", self._not_offered(added + updated))
         self._list("failed", [f"{n}: {r}" for n, r in sorted(self.failed.items())])
         self._list("gone upstream, kept:", [f"{n}: {r}" for n, r in sorted(self.gone.items())])
         self._list("error", broken + self.other_failures)

@@ -9,33 +9,16 @@ same text on ``/metrics``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..repo.fs import write_local
 
 STATUS = "status.json"
 TOTALS = ("layers_ingested", "flat_built", "bytes_downloaded", "gc_deleted", "thin_pushed",
           "failures", "runs")
 STATES = ("added", "updated", "unchanged", "failed", "gone")
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never a part: a temp file beside, renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def read_status(cache_dir: Path) -> dict:
@@ -68,7 +51,8 @@ def record_run(cache_dir: Path, run: dict, full: bool = True) -> dict:
         status = dict(previous, totals=totals, last_limited_run=run)
         status["repositories"] = {**(previous.get("repositories") or {}),
                                   **run.get("repositories", {})}
-    write_atomic(cache_dir / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n")
+    write_local(cache_dir / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n",
+                0o644, sync=True)
     return status
 
 
@@ -113,8 +97,7 @@ def render(status: dict, extra: list[str] | None = None) -> str:
 
 
 def write_metrics(path: Path, status: dict) -> None:
-    write_atomic(path, render(status))
-
+    write_local(path, render(status), 0o644, sync=True)
 
 
 def images(ctx) -> list[dict]:

@@ -44,7 +44,7 @@ def _ancestors(rel: str) -> list[str]:
 
 
 @dataclass
-class Plan:
+class MergedTree:
     """What the merged tree holds: path -> (layer, kind, source path in that layer)."""
 
     decided: dict[str, tuple[int, str, str | None]] = field(default_factory=dict)
@@ -61,15 +61,15 @@ class Plan:
 
 
 class _Merge:
-    """The top-down walk of ``plan``; one instance per flattening."""
+    """The top-down walk of ``merge``; one instance per flattening."""
 
     def __init__(self, layers: list[Dir], external: list[dict[str, str]]):
         self.layers, self.external = layers, external
-        self.plan = Plan()
+        self.plan = MergedTree()
         self.whited: set[str] = set()         # paths hidden from lower layers
         self.opaque: set[str] = set()         # folders whose lower children are hidden
 
-    def run(self) -> Plan:
+    def run(self) -> MergedTree:
         for index in range(len(self.layers) - 1, -1, -1):
             new_whited: set[str] = set()
             new_opaque: set[str] = set()
@@ -180,7 +180,7 @@ def _probe(layer: Dir, parts: list[str]) -> str:
         current.close()
 
 
-def plan(layers: list[Dir], external: list[dict[str, str]]) -> Plan:
+def merge(layers: list[Dir], external: list[dict[str, str]]) -> MergedTree:
     """What the merged tree of ``layers`` (bottom first) holds."""
     return _Merge(layers, external).run()
 
@@ -200,7 +200,7 @@ class _Writer:
         for cache in self.sources:
             cache.close()
 
-    def write(self, result: Plan) -> list[str]:
+    def write(self, result: MergedTree) -> list[str]:
         self.linked = result.linked
         folders = []
         for rel in result.ordered():
@@ -252,7 +252,7 @@ class _Writer:
             parent.chown(name, st.st_uid, st.st_gid)
         parent.utime(name, (st.st_mtime_ns, st.st_mtime_ns))
 
-    def finish_folders(self, result: Plan, folders: list[str]) -> None:
+    def finish_folders(self, result: MergedTree, folders: list[str]) -> None:
         """Folder modes, owners and times last: writing their children changed them."""
         for rel in reversed(folders):
             layer, _ = result.source(rel)
@@ -275,7 +275,7 @@ def flatten(layers: list[Dir], external: list[dict[str, str]], out: Dir,
     through such a file: replace it instead); ``copy`` writes new files, keeping hardlinks
     inside a layer as hardlinks.
     """
-    result = plan(layers, external)
+    result = merge(layers, external)
     for rel in result.missing_links[:20]:
         log.warning("hardlink %s names a file no lower layer has; left out", sanitize(rel, 200))
     writer = _Writer(layers, out, mode)

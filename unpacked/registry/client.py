@@ -162,8 +162,8 @@ class RegistryClient:
         digest = resp.headers.get("Docker-Content-Digest")
         return resp.status, digest if docs.is_digest(digest) else None
 
-    def request(self, method: str, ref: ImageRef, path: str, what: str, *,  # noqa: PLR0913
-                # requests' own keyword options, passed through
+    def request(self, method: str, ref: ImageRef, path: str, what: str, *,  # noqa: PLR0913 - requests' keywords
+                # requests' own keyword options, passed through as requests names them
                 headers: dict | None = None, stream: bool = False, ok=(200,),
                 url: str | None = None, **kwargs) -> requests.Response:
         """One request to ``/v2/<repository>/<path>``; a failure becomes a one-line error."""

@@ -52,6 +52,19 @@ def temp_name(label: str = "") -> str:
     return f"{TEMP_PREFIX}{label}-{secrets.token_hex(8)}"
 
 
+def write_local(path: Path | str, data: bytes | str, mode: int = 0o600,
+                sync: bool = False) -> None:
+    """A file of the tool's own outside the repository (cache/, the spool, status, metrics),
+    replaced whole the one way: an unpredictable temp name beside it, made ``O_EXCL`` and
+    ``O_NOFOLLOW``, renamed over it (readers see the old file or the new one)."""
+    path = Path(path)
+    with Dir.root(path.parent, create=True) as folder:
+        folder.write_file(path.name, data.encode() if isinstance(data, str) else data, mode,
+                          sync)
+        if sync:
+            folder.fsync()
+
+
 def is_temp(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 

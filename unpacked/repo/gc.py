@@ -24,7 +24,6 @@ import contextlib
 import fnmatch
 import json
 import logging
-import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from ..errors import UnpackedError
 from ..reference import is_digest
-from .fs import Dir, is_temp
+from .fs import Dir, is_temp, write_local
 from .layout import FLAT, LAYERS, METADATA, MULTIARCH, STATE, Repository, check_rel, hex_of
 
 log = logging.getLogger(__name__)
@@ -180,13 +179,8 @@ class Survey:
         doc = {"version": 1, "stamp": stamp,
                "images": {k: asdict(v) for k, v in self.images.items()},
                "platforms": {k: asdict(v) for k, v in self.platforms.items()}}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(doc))
-            os.replace(tmp, path)
+        with contextlib.suppress(OSError, UnpackedError):     # only a cache: never fatal
+            write_local(path, json.dumps(doc))
 
 
 def _flat_of(link_dir: str, target: str) -> str | None:
@@ -261,11 +255,7 @@ class Clocks:
             if isinstance(doc, dict) else {}
 
     def save(self, clocks: dict[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(clocks, sort_keys=True))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        write_local(self.path, json.dumps(clocks, sort_keys=True))
 
 
 def _matches_wildcard(name: str, wildcards) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import Busy, UnpackedError, sanitize
 from . import crash
+from .fs import write_local
 from .journal import Journal
 from .layout import STATE, Repository, Writer
 from .lock import Lock
@@ -198,12 +199,8 @@ class CvmfsPublisher(Publisher):
         if state is None:
             self.marker.unlink(missing_ok=True)
             return
-        tmp = self.marker.with_name(f".{self.marker.name}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump({"state": state, "pid": os.getpid(), "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.marker)
+        write_local(self.marker, json.dumps({"state": state, "pid": os.getpid(),
+                                             "time": time.time()}), sync=True)
 
     def is_open(self) -> bool:
         return self._state() == "open"

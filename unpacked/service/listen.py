@@ -34,6 +34,7 @@ from pathlib import Path
 from ..errors import EXIT_BUSY, EXIT_FAILED, UnpackedError, sanitize
 from ..recipe import read
 from ..reference import parse
+from ..repo.fs import write_local
 from ..settings import Settings
 from . import events
 
@@ -100,18 +101,9 @@ class Queue:
             for name in names:
                 token = secrets.token_hex(8)
                 first = self.items.get(name, (None, now))[1]
-                tmp = self.folder / f".{self._file(name)}"
-                with open(tmp, "w") as f:
-                    json.dump({"name": name, "token": token, "at": first}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.folder / self._file(name))
+                write_local(self.folder / self._file(name),
+                            json.dumps({"name": name, "token": token, "at": first}), sync=True)
                 self.items[name] = (token, first)
-            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             self.generation += 1
             self.changed.notify_all()
 
