@@ -166,8 +166,9 @@ def test_signals_never_cut_a_publish(registry, layout, cvmfs_site, jobs, seconds
 
 @pytest.mark.parametrize("publisher", ["cvmfs", "local"])
 def test_sigkill_at_every_step_then_a_normal_run(registry, layout, tmp_path, publisher):
-    """Killed at each step of opening, publishing and recovering, then run again: the
-    repository ends as a clean run leaves it, and no public link ever names a missing flat."""
+    """Killed at each step of opening and publishing, then killed again at the first steps
+    of the run that recovers, then run again: the repository ends as a clean run leaves it,
+    and no public link ever names a missing flat."""
     repo = unique("crashstep")
     push(registry, layout, repo, "v1", [Entry("a", b"a")])
     image = f"http://{registry.host}/{repo}:v1"
@@ -194,6 +195,13 @@ def test_sigkill_at_every_step_then_a_normal_run(registry, layout, tmp_path, pub
             assert killed.returncode == 0, killed.stderr
             site.close()
             break
+        for first in (1, 2):            # the recovery's own first steps, killed too
+            site.env["UNPACKED_CRASH_AT"] = str(first)
+            recovering = site.doit()
+            assert not dangling(site), f"a dangling link after step {step}, then {first}"
+            if recovering.returncode != -9:
+                break
+        del site.env["UNPACKED_CRASH_AT"]
         again = site.doit()
         assert again.returncode == 0, again.stdout + again.stderr
         assert content(site) == expected, f"after a kill at step {step}"
