@@ -87,6 +87,39 @@ def test_a_wrong_setting_is_one_line(converted, what, args, env, line, code, com
     assert snapshot(site.repo_root) == before
 
 
+CLI_MISTAKES = [
+    # (what, unpacked arguments, environment, the line expected, exit code)
+    ("platform without os", ["manifest", "--platform", "arm64", "fedora"], {},
+     "error: setting platforms: 'arm64' is not os/arch", 3),
+    ("bad reference", ["manifest", "http://bad:host:x/y"], {},
+     "error: 'http://bad:host:x/y': invalid registry host", 3),
+    ("image no recipe names", ["convert", "http://127.0.0.1:1/other/z:v1"], {},
+     "not named by any recipe (--adhoc converts it anyway", 3),
+    ("no such project", ["status", "--project", "/nonexistent"], {},
+     "error: project folder /nonexistent: no such folder", 3),
+    ("misspelt environment", ["gc", "--dry-run"], {"UNPACKED_GC_GRAEC": "1"},
+     "did you mean UNPACKED_GC_GRACE?", 3),
+    ("unknown option", ["manifest", "--timeout", "0", "fedora"], {},
+     "No such option '--timeout'", 2),
+    ("unknown command", ["nosuch"], {}, "No such command 'nosuch'", 2),
+]
+
+
+@pytest.mark.parametrize("what, args, env, line, code", CLI_MISTAKES,
+                         ids=[m[0] for m in CLI_MISTAKES])
+def test_a_wrong_unpacked_command_is_one_line(converted, what, args, env, line, code):
+    site, _ = converted
+    before = snapshot(site.repo_root)
+    site.env.update(env)
+    done = unpacked(site, *args)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert line in done.stderr, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    errors = [x for x in done.stderr.splitlines() if x.startswith(("error:", "Error:"))]
+    assert len(errors) == 1, done.stderr
+    assert snapshot(site.repo_root) == before
+
+
 def test_a_long_repository_name_is_a_recipe_error(site):
     (site.recipes / "r.yaml").write_text(f"version: 1\ncvmfs_repo: {'a' * 300}\n"
                                          "input:\n  - fedora\n")
