@@ -208,6 +208,11 @@ def test_what_the_http_side_refuses(setup):
         "who knows the secret is not slowed by who does not"
     log = (site.base / "listen.log").read_text()
     assert log.count("wrong or missing secret") <= 2, "refusals are not logged one by one"
+    unwanted = event_for("127.0.0.1:1/other/image:v1")
+    codes = [listener.post(unwanted) for _ in range(400)]
+    assert codes.count(202) >= 200 and 429 in codes, "even the secret's holder is bounded"
+    log = (site.base / "listen.log").read_text()
+    assert log.count("notifications a second") <= 1, "refusals are logged once a minute"
 
 
 def test_refuses_to_start_without_a_secret(tmp_path):

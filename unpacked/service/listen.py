@@ -48,6 +48,8 @@ PER_SOURCE = 16              # ... and from one address
 REQUEST_SECONDS = 30.0       # a whole request, headers and body
 RATE = 5.0                   # refused requests per second per source, sustained
 BURST = 20.0
+POST_RATE = 50.0             # accepted notifications per second per source, sustained (a
+POST_BURST = 200.0           # registry retries a 429 later: the events are not lost)
 RETRY_SECONDS = 30.0         # after a conversion run that could not start ...
 RETRY_MAX = 600.0            # ... doubling up to this
 STALE_SECONDS = 7200.0       # /healthz fails when an image waits longer
@@ -158,8 +160,8 @@ class Wanted:
 
 
 class Limiter:
-    """A token bucket per source address (for refused requests: a registry that knows the
-    secret is never slowed by someone who does not)."""
+    """A token bucket per source address. Refused requests and authorized ones have a
+    bucket each: a registry that knows the secret is never slowed by someone who does not."""
 
     def __init__(self, rate: float = RATE, burst: float = BURST):
         self.rate, self.burst = rate, burst
@@ -186,6 +188,7 @@ class Listener:
         self.queue = Queue(settings.cache_dir / "listen")
         self.wanted = Wanted(settings)
         self.refusals = Limiter()
+        self.posts = Limiter(POST_RATE, POST_BURST)
         self.counts = {"accepted": 0, "ignored": 0, "refused": 0, "runs": 0}
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
@@ -201,6 +204,24 @@ class Listener:
         given = (header or "").encode()
         return any(hmac.compare_digest(given, f"{prefix}{self.secret}".encode())
                    for prefix in ("", "Bearer ", "Token "))
+
+    def gate(self, source: str, authorization: str | None, length: str) -> tuple[int, str] | None:
+        """The answer to a request refused before its body is read; None: read it."""
+        if not self.authorized(authorization):
+            if not self.refusals.allow(source):
+                self.counts["refused"] += 1
+                return 429, "too many requests"
+            self.note_refusal(source, "wrong or missing secret")
+            return 401, "unauthorized"
+        if not self.posts.allow(source):
+            self.note_refusal(source, f"more than {POST_RATE:g} notifications a second")
+            return 429, "too many requests"
+        if not _LENGTH.fullmatch(length):
+            return 411, "Content-Length required"
+        if int(length) > MAX_BODY:
+            self.counts["refused"] += 1
+            return 413, f"larger than {MAX_BODY} bytes"
+        return None
 
     def note_refusal(self, source: str, why: str) -> None:
         """A warning per source and minute at most (a flood must not flood the log)."""
@@ -422,21 +443,11 @@ def handler(listener: Listener):
 
         def do_POST(self):
             source = self.client_address[0]
-            if not listener.authorized(self.headers.get("Authorization")):
-                self.close_connection = True
-                if not listener.refusals.allow(source):
-                    listener.counts["refused"] += 1
-                    return self.answer(429, "too many requests")
-                listener.note_refusal(source, "wrong or missing secret")
-                return self.answer(401, "unauthorized")
             length = self.headers.get("Content-Length", "")
-            if not _LENGTH.fullmatch(length):
+            early = listener.gate(source, self.headers.get("Authorization"), length)
+            if early:
                 self.close_connection = True
-                return self.answer(411, "Content-Length required")
-            if int(length) > MAX_BODY:
-                listener.counts["refused"] += 1
-                self.close_connection = True
-                return self.answer(413, f"larger than {MAX_BODY} bytes")
+                return self.answer(*early)
             status, reason = listener.accept(self.rfile.read(int(length)))
             if status >= 400:
                 listener.note_refusal(source, f"({status}) {reason}")
