@@ -2,19 +2,20 @@
 
 Each layer of the corpus is generated as a stream into a file (the test never holds it),
 then ingested by a fresh process whose peak RSS (VmHWM) is read: a 1 GiB file, a 1 GiB pax
-header in a small blob, a million entries, a gigabyte of bytes after the archive's end, and a
-sparse file claiming 3 GiB under a 1 MiB limit (counted as written, refused, disk untouched).
+header in a small blob, a 1 GiB GNU long name, a million entries, a gigabyte of bytes after
+the archive's end, and a sparse file claiming 3 GiB under a 1 MiB limit (counted as written,
+refused, disk untouched).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import need
 
 LIMIT_MIB = 150
 
@@ -63,6 +64,12 @@ MAKE = textwrap.dedent(r"""
         elif kind == "pax-header":
             sink.write(header("PaxHeader", 1 << 30, tarfile.XHDTYPE))
             stream = io.BufferedReader(Repeat(1 << 30, b"a"), 1 << 20)
+            while chunk := stream.read(1 << 20):
+                sink.write(chunk)
+            sink.write(header("f", 0) + bytes(1024))
+        elif kind == "long-name":       # GNU's long-name member, a gigabyte long
+            sink.write(header("././@LongLink", 1 << 30, tarfile.GNUTYPE_LONGNAME))
+            stream = io.BufferedReader(Repeat(1 << 30, b"n"), 1 << 20)
             while chunk := stream.read(1 << 20):
                 sink.write(chunk)
             sink.write(header("f", 0) + bytes(1024))
@@ -128,6 +135,7 @@ INGEST = textwrap.dedent("""
 CORPUS = [
     ("big-file", 64 << 30, "bytes"),
     ("pax-header", 64 << 30, "extended header of 1,073,741,824 bytes"),
+    ("long-name", 64 << 30, "extended header of 1,073,741,824 bytes"),
     ("million", 64 << 30, "entries"),
     ("trailing", 64 << 30, "bytes"),
     ("sparse", 1 << 20, "writes more than 1,048,576 bytes"),
@@ -136,8 +144,8 @@ CORPUS = [
 
 @pytest.mark.parametrize("kind, limit, expect", CORPUS, ids=[c[0] for c in CORPUS])
 def test_peak_rss_stays_bounded(tmp_path, kind, limit, expect):
-    if kind == "sparse" and not shutil.which("tar"):
-        pytest.skip("needs GNU tar")
+    if kind == "sparse":
+        need("tar")                 # GNU tar writes the sparse member
     made = subprocess.run([sys.executable, "-c", MAKE, str(tmp_path), kind],
                           capture_output=True, text=True, timeout=1800)
     assert made.returncode == 0, made.stderr
