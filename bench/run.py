@@ -170,7 +170,8 @@ class Bench:
         seconds = time.monotonic() - start
         if rss:
             self.record(memory, rss.stop())
-        if proc.returncode not in (0, 1) or (proc.returncode == 1 and not args):
+        command = args[0] if args and not args[0].startswith("-") else "run"
+        if proc.returncode != 0 and not (proc.returncode == 1 and command == "info"):
             raise RuntimeError(f"{' '.join(cmd)} -> {proc.returncode}: {err[-2000:]}{out[-500:]}")
         self.last_out = out
         return seconds
@@ -370,8 +371,9 @@ class Bench:
              "tests/image/test_memory.py",
              "tests/service/test_listen.py::test_a_push_reaches_the_repository_without_cron"],
             cwd=PROJECT, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"the measuring tests failed:\n{done.stdout[-3000:]}")
+        if done.returncode:             # a bound exceeded: the figures still say by how much
+            self.notes["measuring tests"] = "FAILED: " + " ".join(
+                x for x in done.stdout.splitlines() if x.startswith("FAILED"))[:500]
         corpus = []
         for line in done.stdout.splitlines():
             if ": peak RSS " in line:
@@ -384,9 +386,9 @@ class Bench:
                 seconds = [float(x) for x in line.split("of [", 1)[1].rstrip("]").split(",")]
                 for x in seconds:
                     self.record("listen: push to published", x)
-        worst = max(corpus)
+        worst = max(corpus, default=float("inf"))      # none printed: not met
         self.target("peak memory, ingest of any hostile layer", f"{worst:.0f} MiB",
-                    "≤ 150 MiB", worst <= 150)
+                    "≤ 150 MiB", worst <= 150 and not done.returncode)
 
     def large(self) -> None:
         """40 layers; 300,000 files in one layer: memory, and time per byte against the

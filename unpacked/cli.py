@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import log, recipe, reference, settings
-from .errors import UnpackedError, from_os
+from .errors import UnpackedError, environmental, from_os
 
 
 def _settings(project: Path | None) -> settings.Settings:
@@ -241,7 +241,12 @@ def main() -> None:
         for line in exc.messages():
             click.echo(f"error: {line}", err=True)
         sys.exit(exc.exit_code)
+    except BrokenPipeError:             # `unpacked status | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except OSError as exc:              # the machine's state (disk full, read-only), not a bug
+        if not environmental(exc):
+            raise
         click.echo(f"error: {from_os(exc)}", err=True)
         sys.exit(from_os(exc).exit_code)
     except KeyboardInterrupt:

@@ -102,7 +102,13 @@ class LocalFileError(UnpackedError):
 
 
 HINTS = {28: "the disk is full", 30: "the file system is read-only", 13: "permission denied",
-         122: "the disk quota is exceeded"}
+         1: "operation not permitted", 122: "the disk quota is exceeded", 5: "input/output error"}
+
+
+def environmental(exc: BaseException) -> bool:
+    """An OSError that says what state the machine is in (full, read-only, not ours, failing
+    disk), which an operator mends; any other OSError is a bug to see with its traceback."""
+    return isinstance(exc, OSError) and exc.errno in HINTS
 
 
 def from_os(exc: OSError) -> LocalFileError:

@@ -212,7 +212,11 @@ def test_what_the_http_side_refuses(setup):
     codes = [listener.post(unwanted) for _ in range(400)]
     assert codes.count(202) >= 200 and 429 in codes, "even the secret's holder is bounded"
     log = (site.base / "listen.log").read_text()
-    assert log.count("notifications a second") <= 1, "refusals are logged once a minute"
+    assert log.count("notifications a second") == 1, "logged once a minute, on their own"
+    text = urllib.request.urlopen(f"{listener.url}/metrics", timeout=5).read().decode()
+    outcomes = {s.labels["outcome"]: s.value for m in text_string_to_metric_families(text)
+                if m.name == "unpacked_listen_requests" for s in m.samples}
+    assert outcomes["limited"] == codes.count(429) and outcomes["refused"] >= 60
 
 
 def test_refuses_to_start_without_a_secret(tmp_path):

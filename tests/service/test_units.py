@@ -62,3 +62,10 @@ def test_systemd_accepts_them():
                           capture_output=True, text=True)
     errors = [x for x in done.stderr.splitlines() if "/usr/bin/env" not in x]
     assert not [x for x in errors if "unpacked" in x], done.stderr
+
+
+@pytest.mark.parametrize("name", ["unpacked.service", "unpacked-listen.service"])
+def test_a_stop_never_cuts_a_publish(name):
+    service = sections(UNITS / name)["Service"]
+    assert service["KillMode"] == ["mixed"], "SIGTERM to the run alone: it stops its workers"
+    assert service["TimeoutStopSec"] == ["6h"], "as long as cvmfs_server may publish"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import log as logs
 from .. import settings as settings_mod
-from ..errors import EXIT_SIGNAL, RecipeError, UnpackedError, from_os
+from ..errors import EXIT_SIGNAL, RecipeError, UnpackedError, environmental, from_os
 from . import doit_private
 from .context import Context
 from .reporter import Reporter
@@ -85,6 +85,8 @@ def load(argv: list[str] | None = None) -> dict:
         _record_start_failure(session, exc.exit_code, str(exc))
         raise fail(exc) from None
     except OSError as exc:          # cache/ full, read-only, not ours: the machine's state
+        if not environmental(exc):
+            raise
         error = from_os(exc)
         _record_start_failure(session, error.exit_code, str(error))
         raise fail(error) from None

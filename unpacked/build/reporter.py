@@ -9,6 +9,7 @@ when something changed or failed, every line timestamped), a line per task for a
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 import time
 
@@ -16,7 +17,7 @@ from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from .. import log as logs
-from ..errors import EXIT_FAILED, EXIT_SETUP, from_os
+from ..errors import EXIT_FAILED, EXIT_SETUP, environmental, from_os
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,7 @@ class Reporter(ConsoleReporter):
             published, errors = session.close_transactions()
             self.published |= published
             self.gc["errors"] += errors
-            session.finish(self._changed(), self.task_names)
-        except OSError as exc:          # what is published stays; the records are behind
-            self.runtime_errors.append(f"after publishing: {from_os(exc)}")
+            self._finish()
         finally:
             session.release()
         log.debug("run closed %.2fs after the start", time.monotonic() - session.started)
@@ -142,6 +141,17 @@ class Reporter(ConsoleReporter):
         code = self._exit_code()
         session.report(self.record(code))
         raise SystemExit(code)
+
+    def _finish(self) -> None:
+        """Clocks and doit's rows after the publish: a full disk here loses nothing published,
+        it leaves the records behind (the next run writes them)."""
+        try:
+            self.session.finish(self._changed(), self.task_names)
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, OSError) and not environmental(exc):
+                raise
+            why = from_os(exc) if isinstance(exc, OSError) else f"doit's database: {exc}"
+            self.runtime_errors.append(f"after the publish: {why}")
 
     def record(self, code: int) -> dict:
         """What ``status.json`` and the metrics say about this run."""
@@ -218,7 +228,8 @@ class Reporter(ConsoleReporter):
         if session.worker_died:
             line += f"; {session.worker_died} (out of memory?), transaction aborted"
         elif session.interrupted:
-            line += f"; interrupted by {session.interrupted}, transaction aborted"
+            line += f"; interrupted by {session.interrupted}" + (
+                ", transaction aborted" if session.aborted else ", no transaction left open")
         self.write(line + "\n")
         self._list("added", added)
         self._list("updated", updated)

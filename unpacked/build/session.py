@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import EXIT_SIGNAL, UnpackedError
+from ..errors import EXIT_SIGNAL, UnpackedError, environmental, from_os
 from ..repo.lock import Lock
 from . import doit_private, notify
 from .context import Context, die_with_parent
@@ -47,6 +47,7 @@ class Session:
         self.problems: list[str] = []   # resolve problems to report at the end
         self.failed_resolves = 0
         self.worker_died = ""
+        self.aborted: list[str] = []    # repositories whose transaction an interrupt aborted
         self.idle_images: Callable[[], set[str]] = set   # images doit has no reason to visit
 
     # -- start --------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class Session:
         said = False
         for child in children:
             child.join(timeout=10)
-            while child.exitcode is None and self._closing():
+            while child.exitcode is None and child.pid in self._closing():
                 if not said:
                     log.warning("waiting for a publish under way in a worker to finish")
                     said = True
@@ -127,9 +128,9 @@ class Session:
                 child.kill()
                 child.join(timeout=10)
 
-    def _closing(self) -> list[str]:
-        """The repositories where a transaction is being opened or published right now."""
-        return [repo for repo in self.repos if self.ctx.publisher(repo).closing()]
+    def _closing(self) -> set[int]:
+        """The processes opening or publishing a transaction of this run right now."""
+        return {pid for repo in self.repos if (pid := self.ctx.publisher(repo).closing())}
 
     def on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum).name
@@ -191,11 +192,17 @@ class Session:
             try:
                 if self.interrupted:
                     publisher.abort()
+                    self.aborted.append(repo)
                 else:
                     errors += publisher.publish(run_message(self.ctx, repo))
                     published = True
             except UnpackedError as exc:
                 errors.append(str(exc))
+            except OSError as exc:          # the spool full or read-only: the next run mends
+                if not environmental(exc):
+                    raise
+                step = "abort" if self.interrupted else "publish"
+                errors.append(f"{repo}: {step} failed, left to the next run: {from_os(exc)}")
         return published, errors
 
     def finish(self, changed: bool, task_names: set[str]) -> None:

@@ -58,11 +58,14 @@ def write_local(path: Path | str, data: bytes | str, mode: int = 0o600,
     replaced whole the one way: an unpredictable temp name beside it, made ``O_EXCL`` and
     ``O_NOFOLLOW``, renamed over it (readers see the old file or the new one)."""
     path = Path(path)
-    with Dir.root(path.parent, create=True) as folder:
-        folder.write_file(path.name, data.encode() if isinstance(data, str) else data, mode,
-                          sync)
-        if sync:
-            folder.fsync()
+    try:
+        with Dir.root(path.parent, create=True) as folder:
+            folder.write_file(path.name, data.encode() if isinstance(data, str) else data,
+                              mode, sync)
+            if sync:
+                folder.fsync()
+    except OSError as exc:          # the file it was for, not a temp name or none at all
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def is_temp(name: str) -> bool:

@@ -43,8 +43,12 @@ class Lock:
                 os.close(fd)
                 raise Busy(f"another run (pid {self.holder()}) is working on {self.what} "
                            f"({self.path}); exiting without changes") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.fd = fd
 
     def holder(self) -> str:

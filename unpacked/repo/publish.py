@@ -74,9 +74,9 @@ class Publisher:
     def is_open(self) -> bool:
         raise NotImplementedError
 
-    def closing(self) -> bool:
-        """A process of this run is inside a step that must not be cut (open, publish)."""
-        return False
+    def closing(self) -> int | None:
+        """The process inside a step that must not be cut (open, publish), if any."""
+        return None
 
     def settled(self) -> bool:
         """No transaction of any kind (ours or another's, opening or closing) is under way."""
@@ -200,7 +200,7 @@ class CvmfsPublisher(Publisher):
             self.marker.unlink(missing_ok=True)
             return
         write_local(self.marker, json.dumps({"state": state, "pid": os.getpid(),
-                                             "time": time.time()}), sync=True)
+                                             "time": time.time()}), 0o644, sync=True)
 
     def is_open(self) -> bool:
         return self._state() == "open"
@@ -227,8 +227,15 @@ class CvmfsPublisher(Publisher):
     def settled(self) -> bool:
         return self._state() is None and not self._foreign()
 
-    def closing(self) -> bool:
-        return self._state() in ("opening", "publishing")
+    def closing(self) -> int | None:
+        try:
+            marker = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(marker, dict) and marker.get("state") in ("opening", "publishing") \
+                and isinstance(marker.get("pid"), int):
+            return marker["pid"]
+        return None
 
     def _foreign(self) -> bool:
         return (self.spool / "in_transaction.lock").exists()

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import EXIT_BUSY, EXIT_FAILED, UnpackedError, sanitize
 from ..recipe import read
 from ..reference import parse
-from ..repo.fs import write_local
+from ..repo.fs import Dir
 from ..settings import Settings
 from . import events
 
@@ -99,13 +99,14 @@ class Queue:
 
     def add(self, names: list[str]) -> None:
         now = time.time()
-        with self.changed:
+        with self.changed, Dir.root(self.folder, create=True) as folder:
             for name in names:
                 token = secrets.token_hex(8)
                 first = self.items.get(name, (None, now))[1]
-                write_local(self.folder / self._file(name),
-                            json.dumps({"name": name, "token": token, "at": first}), sync=True)
+                folder.write_file(self._file(name), json.dumps(
+                    {"name": name, "token": token, "at": first}).encode(), 0o600, sync=True)
                 self.items[name] = (token, first)
+            folder.fsync()                  # the names, once for the batch, before the 202
             self.generation += 1
             self.changed.notify_all()
 
@@ -189,7 +190,7 @@ class Listener:
         self.wanted = Wanted(settings)
         self.refusals = Limiter()
         self.posts = Limiter(POST_RATE, POST_BURST)
-        self.counts = {"accepted": 0, "ignored": 0, "refused": 0, "runs": 0}
+        self.counts = {"accepted": 0, "ignored": 0, "refused": 0, "limited": 0, "runs": 0}
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
         self.worker: threading.Thread | None = None
@@ -214,7 +215,8 @@ class Listener:
             self.note_refusal(source, "wrong or missing secret")
             return 401, "unauthorized"
         if not self.posts.allow(source):
-            self.note_refusal(source, f"more than {POST_RATE:g} notifications a second")
+            self.note_refusal(source, f"more than {POST_RATE:g} notifications a second",
+                              kind="limited")
             return 429, "too many requests"
         if not _LENGTH.fullmatch(length):
             return 411, "Content-Length required"
@@ -223,12 +225,14 @@ class Listener:
             return 413, f"larger than {MAX_BODY} bytes"
         return None
 
-    def note_refusal(self, source: str, why: str) -> None:
-        """A warning per source and minute at most (a flood must not flood the log)."""
-        self.counts["refused"] += 1
+    def note_refusal(self, source: str, why: str, kind: str = "refused") -> None:
+        """A warning per source, kind and minute at most (a flood must not flood the log)."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         now = time.monotonic()
-        if now - self._noted.get(source, -NOTED) >= NOTED:
-            self._noted[source] = now
+        if len(self._noted) > 10_000:       # many sources (IPv6): forget the quiet ones
+            self._noted = {k: t for k, t in self._noted.items() if now - t < NOTED}
+        if now - self._noted.get(f"{kind} {source}", -NOTED) >= NOTED:
+            self._noted[f"{kind} {source}"] = now
             log.warning("%s: notification refused: %s", source, sanitize(why, 200))
 
     def accept(self, body: bytes) -> tuple[int, str]:
