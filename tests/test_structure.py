@@ -68,3 +68,13 @@ def test_no_function_over_60_lines():
                 if length > 60:
                     long.append(f"{module}.{node.name}: {length} lines")
     assert long == []
+
+
+def test_every_test_folder_is_collected(pytestconfig):
+    """pytest skips folders that match ``norecursedirs`` (by default ``build``) silently."""
+    import fnmatch
+    patterns = pytestconfig.getini("norecursedirs")
+    tests = Path(__file__).resolve().parent
+    folders = [d.name for d in tests.iterdir() if d.is_dir() and any(d.glob("test_*.py"))]
+    assert "build" in folders
+    assert [f for f in folders if any(fnmatch.fnmatch(f, p) for p in patterns)] == []
