@@ -177,7 +177,6 @@ class Refresher:
         problems: list[str] = []
         hosts = {i.ref.api_host for r in recipes for i in r.inputs}
         threads = threads or max(1, min(64, self.per_registry * len(hosts)))
-        self.state.resolved("")             # the cache is read whole once, before the threads
         items = [(r, i) for r in recipes for i in r.inputs]
         wildcards = [i for _, i in items if i.ref.is_wildcard]
         expansions = dict(zip(map(id, wildcards),

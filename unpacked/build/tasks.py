@@ -180,12 +180,11 @@ class Tasks:
         self._deps_of: dict[str, list[str]] = {}
 
     def namespace(self) -> dict:
-        out = {f"task_{name}": getattr(self, f"task_{name}")
-               for name in ("_txn", "layer", "flat", "platform", "image", "gc", "publish",
-                            "thin")}
         if self.groups_only:
-            out = {f"task_{name}": self._group_only(name, doc) for name, doc in GROUPS.items()}
-        return out
+            return {f"task_{name}": self._group_only(name, doc) for name, doc in GROUPS.items()}
+        return {f"task_{name}": getattr(self, f"task_{name}")
+                for name in ("_txn", "layer", "flat", "platform", "image", "gc", "publish",
+                             "thin")}
 
     def _group_only(self, kind: str, doc: str):
         """A generator of the group row alone (with its state when ``-s`` asks for it)."""

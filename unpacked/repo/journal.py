@@ -53,10 +53,12 @@ class Journal:
     def __init__(self, root: Path):
         self.root = root
 
-    def _state(self) -> Dir:
-        root = Dir.root(self.root, create=True)
+    def _state(self, create: bool = True) -> Dir:
+        """The state folder; reading (``create=False``) makes no folder, and raises when
+        there is none."""
+        root = Dir.root(self.root, create=create)
         with root:
-            return root.sub(STATE, create=True, mode=0o700)
+            return root.sub(STATE, create=create, mode=0o700)
 
     def is_open(self) -> bool:
         return os.path.isfile(self.root / STATE / JOURNAL)
@@ -67,7 +69,7 @@ class Journal:
 
     def records(self) -> list[dict]:
         try:
-            with self._state() as state:
+            with self._state(create=False) as state:
                 data = state.read_bytes(JOURNAL, limit=1 << 30)
         except (UnpackedError, OSError):
             return []
@@ -111,10 +113,8 @@ class Journal:
         return int(self.published().get("revision", 0))
 
     def published(self) -> dict:
-        if not os.path.isfile(self.root / STATE / PUBLISHED):
-            return {}           # nothing published yet; and a look creates no folder
         try:
-            with self._state() as state:
+            with self._state(create=False) as state:
                 data = state.read_bytes(PUBLISHED)
             doc = json.loads(data) if data else {}
         except (UnpackedError, OSError, ValueError):
