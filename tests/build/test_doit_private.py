@@ -23,7 +23,7 @@ from unpacked.build import doit_private
 SEEN = doit_private.command_line_variables()
 
 def _save(value):
-    return {"digest": value, "set": "mine"}
+    return {"digest": value, "set": "mine", "bytes": 5}
 
 def task_a():
     return {"actions": [(_save, ["x"])], "uptodate": [False]}
@@ -58,6 +58,7 @@ def test_saved_values_command_line_variables_and_pruning(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "[('platforms', 'all'), ('root', '/srv/x')]" in done.stdout
     values = doit_private.recorded_values(db)
+    # only the values task states read ("bytes" is not one)
     assert values["a"] == {"digest": "x", "set": "mine"} and values["b"]["digest"] == "y"
     keep = {"a", "seen"}
     assert doit_private.prune(db, keep, owner="another set") == 0, "another set's rows stay"
@@ -101,3 +102,19 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
     assert sorted(theirs) == sorted(ours)
     for name in theirs:
         assert _comparable(ours[name]) == _comparable(theirs[name]), name
+
+
+def test_a_finished_task_keeps_its_own_objects_where_its_worker_changed_nothing():
+    """doit hands the main process each task back from its worker as a copy of all of its
+    attributes; only the changed ones replace the task's own (the rest stay shared)."""
+    import pickle
+    task = next(t for t in doit_private.tasks_of("kind", {"doc": "g"}, [dict(ROWS[0])])
+                if t.name == "kind:a")
+    meta, options = task.meta, task.options
+    back = pickle.loads(pickle.dumps(task.pickle_safe_dict()))
+    back["values"] = {"digest": "sha256:1"}
+    back["executed"] = True
+    task.update_from_pickle(back)
+    assert task.meta is meta and task.options is options, "equal values are not replaced"
+    assert task.values == {"digest": "sha256:1"} and task.executed is True
+    assert vars(task).keys() >= back.keys()

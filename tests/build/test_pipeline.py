@@ -15,6 +15,8 @@ from helpers.images import Entry, skopeo_copy, tar_bytes
 from helpers.pipeline import push, run_interrupted_later, start_slow, temps
 from helpers.site import Site
 
+from unpacked.build import doit_private
+
 
 @pytest.fixture
 def site(tmp_path):
@@ -84,6 +86,15 @@ def test_cold_run_then_noop(registry, layout, site, proxy):
     assert again.stdout == "" and again.stderr == "", "a no-op cron run is silent"
     assert site.revision() == 1 and not site.transaction_open()
     assert proxy.count("HEAD") == 3 and proxy.count("GET") == 0
+    # a bare no-op makes no task of what is up to date, yet keeps doit's records of them:
+    # the run after it is a no-op as well, and `doit list -s` sees every task up to date
+    rows = doit_private.recorded_values(site.cache / "doit.sqlite")
+    assert len([r for r in rows if r.startswith("layer:")]) == \
+        len({x for img in imgs.values() for x in img.layers})
+    assert site.doit().stdout == "" and proxy.count("GET") == 0
+    assert doit_private.recorded_values(site.cache / "doit.sqlite") == rows
+    listing = site.doit("list", "--all", "-s")
+    assert listing.returncode == 0 and "\nR " not in "\n" + listing.stdout, listing.stdout
 
 
 def test_moved_tag_flips_link_in_one_transaction(registry, layout, site):

@@ -47,7 +47,8 @@ class Context:
         """One of this process's resources; a forked child starts afresh."""
         if os.getpid() != self._pid:
             self._pid = os.getpid()
-            self._resources = {}
+            state = self._resources.get("state")
+            self._resources = {"state": state.in_child()} if state is not None else {}
             self.__dict__.pop("plan", None)
             die_with_parent()
         if key not in self._resources:

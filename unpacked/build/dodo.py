@@ -8,6 +8,7 @@ starts its ``Session`` here (see session.py for why the resolve step is at impor
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import sys
@@ -22,6 +23,8 @@ from .context import Context
 from .reporter import Reporter
 from .session import Interrupted, Session
 from .tasks import Tasks
+
+M_ARENA_MAX = -8         # glibc's malloc.h
 
 FORGET = """\
 doit forget needs to be told what to forget (it changes no file; the next run redoes it):
@@ -72,9 +75,11 @@ def load(argv: list[str] | None = None) -> dict:
         pruned = command == "run" and not options.get("always")
         tasks = Tasks(ctx, explain=command == "info", collect=full and settings.gc,
                       all_edges=not pruned, groups_only=listing,
-                      status=command != "list" or bool(options.get("status")))
+                      status=command != "list" or bool(options.get("status")),
+                      due_only=pruned and not call.tasks)
         if session is not None:
             session.idle_images = lambda: tasks.idle_images
+            session.omitted_tasks = lambda: tasks.omitted
         return {"DOIT_CONFIG": doit_config(ctx, session), **tasks.namespace()}
     except Interrupted:
         sys.stderr.write(f"unpacked: interrupted by {session.interrupted} while starting\n")
@@ -105,8 +110,22 @@ def tune_gc() -> None:
     """Collect cycles less often: a run makes a few hundred thousand long-lived objects (the
     plan, doit's tasks), and with Python's default thresholds every collection of the
     oldest generation walks all of them again (measured: half the time of making the tasks
-    of ten thousand images). Cycles are still collected."""
+    of ten thousand images). Cycles are still collected. And keep glibc's malloc to two
+    arenas: with one per thread (the resolve's and the ingest pipeline's threads), each
+    arena keeps the megabyte buffers it once held, and a cold convert of 2,000 images
+    peaked at 818 MiB instead of 379 (bench/RESULTS.md). Before any thread starts, so that
+    doit's workers inherit it."""
     gc.set_threshold(100_000, 50, 1000)
+    limit_malloc_arenas(2)
+
+
+def limit_malloc_arenas(count: int) -> None:
+    """``mallopt(M_ARENA_MAX, count)``, where the C library has it (glibc); else nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_ARENA_MAX, count)
+    except (OSError, AttributeError):
+        pass
 
 
 def doit_config(ctx: Context, session: Session | None) -> dict:

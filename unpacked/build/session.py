@@ -49,6 +49,7 @@ class Session:
         self.worker_died = ""
         self.aborted: list[str] = []    # repositories whose transaction an interrupt aborted
         self.idle_images: Callable[[], set[str]] = set   # images doit has no reason to visit
+        self.omitted_tasks: Callable[[], set[str]] = set  # up to date, so not made (bare run)
 
     # -- start --------------------------------------------------------------------------------
 
@@ -213,8 +214,8 @@ class Session:
             self.ctx.replan()
             self.record_clocks()
         if self.full and not self.ctx.recipes.broken:
-            doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite", task_names,
-                               self.ctx.recipe_set_id)
+            doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite",
+                               task_names | self.omitted_tasks(), self.ctx.recipe_set_id)
 
     def report(self, record: dict) -> None:
         """status.json, the metrics file and DUCC's end notification (never fatal)."""

@@ -115,6 +115,14 @@ class State:
         if self.cache is not None:
             self.cache.close()
 
+    def in_child(self) -> State:
+        """This state for a forked worker: its own cache handle (an SQLite connection must
+        not cross a fork), the entries already read kept (pages the parent shares, instead of
+        every worker reading and holding all of them again)."""
+        child = State(self.folder.parent, self.writable)
+        child._memo, child._parsed = self._memo, self._parsed
+        return child
+
     def _entries(self) -> dict:
         with self._lock:
             if self._memo is None:

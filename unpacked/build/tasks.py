@@ -168,14 +168,19 @@ class Tasks:
     already there; they stay tasks (``doit list``, ``doit layer:<hex>``, ``doit forget``).
     """
 
-    def __init__(self, ctx: Context, explain: bool = False, collect: bool = True,
-                 all_edges: bool = False, groups_only: bool = False, status: bool = True):
+    def __init__(self, ctx: Context, explain: bool = False, collect: bool = True,  # noqa: PLR0913
+                 all_edges: bool = False, groups_only: bool = False, status: bool = True,
+                 due_only: bool = False):
         self.ctx = ctx
         self.explain = explain          # doit info: up-to-date objects that say why
         self.collect = collect          # garbage collection is part of a bare run
         self.all_edges = all_edges or explain
         self.groups_only = groups_only  # a bare `doit list`: it shows the group rows alone
         self.status = status            # ... and their state only with -s
+        # a bare run: tasks that are up to date are not made at all (no task of the run can
+        # reach one, as none depends on them); their names are kept for doit's records
+        self.due_only = due_only and not self.all_edges
+        self.omitted: set[str] = set()
         self._roots: dict[str, str] = {}
         self._deps_of: dict[str, list[str]] = {}
 
@@ -198,6 +203,13 @@ class Tasks:
             yield self._group(doc, oks)
         generate.__doc__ = doc
         return generate
+
+    def _omit(self, name: str, ok: bool) -> bool:
+        """Leave out an up-to-date subtask of a bare run (remembering its name)."""
+        if ok and self.due_only:
+            self.omitted.add(name)
+            return True
+        return False
 
     def _uptodate(self, ok: bool, why: str) -> list:
         return [Status(ok, why)] if self.explain else [ok]
@@ -356,6 +368,8 @@ class Tasks:
         for digest, entry in sorted(plan.layers.items()):
             ok, why = states[f"layer:{hex_of(digest)}"]
             oks.append(ok)
+            if self._omit(f"layer:{hex_of(digest)}", ok):
+                continue
             repos = sorted(entry.repos)
             first = entry.sources[0][1]
             row = {"name": hex_of(digest),
@@ -382,6 +396,8 @@ class Tasks:
             image, repos = entry.image, sorted(entry.repos)
             ok, why = states[f"flat:{hex_of(config)}"]
             oks.append(ok)
+            if self._omit(f"flat:{hex_of(config)}", ok):
+                continue
             key = self._flat_key(entry)
             row = {"name": hex_of(config),
                    "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
@@ -409,6 +425,8 @@ class Tasks:
             for task, image, _, digest in self._platform_rows(name, items):
                 ok, why = states[task]
                 oks.append(ok)
+                if self._omit(task, ok):
+                    continue
                 rows.append({
                     "name": task.split(":", 1)[1],
                     "actions": [(actions.link_platform,
@@ -445,6 +463,8 @@ class Tasks:
                 continue
             ok, why = self.states[f"image:{name}"]
             oks.append(ok)
+            if self._omit(f"image:{name}", ok and name not in self.busy_images):
+                continue
             _, targets = self._image_checks(name, items)
             row = {"name": name,
                    "actions": [(actions.link, [self.ctx, name, targets, variant])],
@@ -500,6 +520,8 @@ class Tasks:
             targets, key = thin_targets(items)
             ok, why = self.states[f"thin:{name}"]
             oks.append(ok)
+            if self._omit(f"thin:{name}", ok and name not in self.busy_images):
+                continue
             image = [f"image:{name}"] if name in self.busy_images else []
             rows.append({"name": name,
                          "actions": [(actions.push_thin, [self.ctx, name, targets, key])],
