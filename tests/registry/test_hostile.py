@@ -266,3 +266,29 @@ def test_a_worker_forked_while_the_watchdog_held_its_lock_still_meets_deadlines(
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung on a lock its parent held")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("spoil", ["too many headers", "a header line of 100 KB",
+                                   "a status line that is not HTTP"])
+def test_a_hostile_head_answer_is_refused_and_asked_again(hostile, spoil):
+    """The HEAD of a re-resolve rides a lean connection of its own: an answer that breaks
+    HTTP there is not taken (nor does it hang or crash); the full path asks again and
+    says what the registry did."""
+    def answer(h):
+        if spoil == "a status line that is not HTTP":
+            h.wfile.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            return
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        h.wfile.write(f"Docker-Content-Digest: sha256:{'a' * 64}\r\n".encode())
+        if spoil == "too many headers":
+            h.wfile.write(b"".join(b"X-H%d: v\r\n" % i for i in range(500)))
+        else:
+            h.wfile.write(b"X-Long: " + b"a" * 100_000 + b"\r\n")
+        h.wfile.write(b"Content-Length: 0\r\n\r\n")
+    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    c = client()
+    with pytest.raises(RegistryError) as caught:
+        c.head_manifest(ref(hostile.host), "v1")
+    assert str(caught.value).startswith(f"manifest {hostile.host}/evil/img:v1: cannot reach")
+    heads = [r for r in hostile.requests if r[0] == "HEAD"]
+    assert len(heads) >= 2, "asked again on the full path"

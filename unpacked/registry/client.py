@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import (
@@ -35,15 +34,14 @@ from ..reference import ImageRef
 from . import documents as docs
 from . import platform as platforms
 from .auth import Lookup, RegistryAuth, TokenStore, find_credential
+from .heads import Heads
 from .resolved import Layer, PlatformImage, Resolved
 from .retry import (
-    Deadline,
     RetryAdapter,
     RetryPolicy,
     network_problem,
     retry_after,
     retryable_status,
-    track,
 )
 
 log = logging.getLogger(__name__)
@@ -121,18 +119,17 @@ class RegistryClient:
         self.session.mount("http://", adapter)
         tokens = TokenStore(cache_dir / "tokens" if cache_dir else None)
         self.auth = RegistryAuth(self.session, tokens, credentials, self.timeout)
-        self._fast: urllib3.PoolManager | None = None
+        self._heads: Heads | None = None
         if not self.session.trust_env:
             verify = self.session.verify
             ca = verify if isinstance(verify, str) else requests.certs.where()
-            self._fast = track(urllib3.PoolManager(num_pools=pool, maxsize=pool, ca_certs=ca,
-                                                   cert_reqs="CERT_REQUIRED", retries=False,
-                                                   timeout=urllib3.Timeout(*self.timeout)))
+            self._heads = Heads(ca, max(self.timeout), deadline,
+                                self.session.headers["User-Agent"])
 
     def close(self) -> None:
         self.session.close()
-        if self._fast is not None:
-            self._fast.clear()
+        if self._heads is not None:
+            self._heads.close()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -140,27 +137,24 @@ class RegistryClient:
         """A HEAD without requests' machinery (a third of its cost): the common case of a
         re-resolve. Returns (status, digest); anything unusual (401, errors) makes the caller
         take the full path, with its retries, auth answers and error messages."""
-        if self._fast is None:
+        if self._heads is None:
             return None, None
-        headers = {"Accept": docs.ACCEPT, "User-Agent": self.session.headers["User-Agent"]}
+        headers = {"Accept": docs.ACCEPT}
         auth = self.auth.known_header(url, "HEAD")
         if auth:
             headers["Authorization"] = auth
-        try:
-            with Deadline(self.limits.deadline) as watch:
-                resp = self._fast.request("HEAD", url, headers=headers, redirect=False)
-        except Urllib3Error:
+        answer = self._heads.head(url, headers)
+        if answer is None:
             return None, None
-        if watch.fired:         # cut mid-header: what arrived is not an answer
-            return None, None
-        if retryable_status(resp.status):
+        status, got = answer
+        if retryable_status(status):
             # the full path retries; wait as it would have, so Retry-After is honoured
-            delay = retry_after(resp.headers.get("Retry-After"))
+            delay = retry_after(got.get("Retry-After"))
             delay = self.policy.backoff(1) if delay is None else delay
             if delay <= min(self.policy.seconds, 60.0):
                 time.sleep(delay)
-        digest = resp.headers.get("Docker-Content-Digest")
-        return resp.status, digest if docs.is_digest(digest) else None
+        digest = got.get("Docker-Content-Digest")
+        return status, digest if docs.is_digest(digest) else None
 
     def request(self, method: str, ref: ImageRef, path: str, what: str, *,  # noqa: PLR0913 - requests' keywords
                 # requests' own keyword options, passed through as requests names them

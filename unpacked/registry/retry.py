@@ -113,12 +113,17 @@ _IN_FLIGHT: dict[int, object] = {}     # thread -> the urllib3 connection it is 
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
+def using(conn) -> None:
+    """Say that this thread's request goes over ``conn`` (a ``Deadline`` cuts its socket)."""
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT[threading.get_ident()] = conn
+
+
 class _Tracked:
     """A urllib3 connection that says which thread uses it (for ``deadline``)."""
 
     def request(self, *args, **kwargs):
-        with _IN_FLIGHT_LOCK:
-            _IN_FLIGHT[threading.get_ident()] = self
+        using(self)
         return super().request(*args, **kwargs)
 
 
