@@ -7,6 +7,7 @@ loudly (and the allowed range in pyproject must not be widened before they pass 
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ def test_saved_values_command_line_variables_and_pruning(tmp_path):
     values = doit_private.recorded_values(db)
     # only the values task states read ("bytes" is not one)
     assert values["a"] == {"digest": "x", "set": "mine"} and values["b"]["digest"] == "y"
+    with sqlite3.connect(db) as conn:         # one row that is not JSON spoils no other
+        conn.execute("insert into doit values ('broken', 'not json {')")
+    values = doit_private.recorded_values(db)
+    assert values["broken"] == {} and values["a"] == {"digest": "x", "set": "mine"}
+    with sqlite3.connect(db) as conn:
+        conn.execute("delete from doit where task_id = 'broken'")
     keep = {"a", "seen"}
     assert doit_private.prune(db, keep, owner="another set") == 0, "another set's rows stay"
     assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}

@@ -120,7 +120,10 @@ def tune_gc() -> None:
 
 
 def limit_malloc_arenas(count: int) -> None:
-    """``mallopt(M_ARENA_MAX, count)``, where the C library has it (glibc); else nothing."""
+    """``mallopt(M_ARENA_MAX, count)``, where the C library has it (glibc), unless the
+    operator chose with ``MALLOC_ARENA_MAX``."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_ARENA_MAX, count)

@@ -62,18 +62,17 @@ def recorded_values(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     out: dict[str, dict] = {}
-    columns = ", ".join(f"json_extract(task_data, '$.\"{VALUES}\".{key}')" for key in RECORDED)
+    # a row that is not JSON is read as unrecorded, never an error for the whole query
+    columns = ", ".join(f"case when json_valid(task_data) then json_extract(task_data, "
+                        f"'$.\"{VALUES}\".{key}') end" for key in RECORDED)
     shared: dict = {}                       # one object per repeated value (the recipe set)
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             # cut out by SQLite: no JSON is parsed here
-            for task_id, *values in db.execute(
-                    f"select task_id, case when json_valid(task_data) then 1 end, {columns} "
-                    "from doit"):
-                valid = values.pop(0)
+            for task_id, *values in db.execute(f"select task_id, {columns} from doit"):
                 out[task_id] = {key: shared.setdefault(value, value) if key == "set" else value
                                 for key, value in zip(RECORDED, values, strict=True)
-                                if value is not None} if valid else {}
+                                if value is not None}
     except sqlite3.Error:
         return {}
     return out

@@ -150,6 +150,7 @@ class Session:
         log.debug("resolving %.2fs after the start", started - self.started)
         refresher = Refresher(ctx.client, ctx.state, ctx.settings.registry_jobs)
         outcomes, problems = refresher.run(ctx.recipes.recipes, ctx.platforms_of)
+        ctx.client.close()      # its connections: not held through the run, nor forked
         for line in problems:
             log.warning("%s", line)
         self.problems = problems
@@ -213,7 +214,7 @@ class Session:
         if changed:
             self.ctx.replan()
             self.record_clocks()
-        if self.full and not self.ctx.recipes.broken:
+        if self.full and task_names and not self.ctx.recipes.broken:
             doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite",
                                task_names | self.omitted_tasks(), self.ctx.recipe_set_id)
 

@@ -123,8 +123,8 @@ class RegistryClient:
         if not self.session.trust_env:
             verify = self.session.verify
             ca = verify if isinstance(verify, str) else requests.certs.where()
-            self._heads = Heads(ca, max(self.timeout), deadline,
-                                self.session.headers["User-Agent"])
+            self._heads = Heads(ca, self.timeout, deadline, self.session.headers["User-Agent"],
+                                idle=pool)
 
     def close(self) -> None:
         self.session.close()
