@@ -8,7 +8,6 @@ starts its ``Session`` here (see session.py for why the resolve step is at impor
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import sys
@@ -23,8 +22,6 @@ from .context import Context
 from .reporter import Reporter
 from .session import Interrupted, Session
 from .tasks import Tasks
-
-M_ARENA_MAX = -8         # glibc's malloc.h
 
 FORGET = """\
 doit forget needs to be told what to forget (it changes no file; the next run redoes it):
@@ -110,25 +107,8 @@ def tune_gc() -> None:
     """Collect cycles less often: a run makes a few hundred thousand long-lived objects (the
     plan, doit's tasks), and with Python's default thresholds every collection of the
     oldest generation walks all of them again (measured: half the time of making the tasks
-    of ten thousand images). Cycles are still collected. And keep glibc's malloc to two
-    arenas: with one per thread (the resolve's and the ingest pipeline's threads), each
-    arena keeps the megabyte buffers it once held, and a cold convert of 2,000 images
-    peaked at 818 MiB instead of 379 (bench/RESULTS.md). Before any thread starts, so that
-    doit's workers inherit it."""
+    of ten thousand images). Cycles are still collected."""
     gc.set_threshold(100_000, 50, 1000)
-    limit_malloc_arenas(2)
-
-
-def limit_malloc_arenas(count: int) -> None:
-    """``mallopt(M_ARENA_MAX, count)``, where the C library has it (glibc), unless the
-    operator chose with ``MALLOC_ARENA_MAX``."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_ARENA_MAX, count)
-    except (OSError, AttributeError):
-        pass
 
 
 def doit_config(ctx: Context, session: Session | None) -> dict:
