@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import need  # noqa: E402
 from helpers.faults import FaultProxy  # noqa: E402
+from helpers.hostile import HostileRegistry  # noqa: E402
 from helpers.images import Layout  # noqa: E402
 from helpers.registry import Registry  # noqa: E402
 
@@ -58,6 +59,14 @@ def proxy(_proxy):
     _proxy.clear()
     yield _proxy
     _proxy.clear()
+
+
+@pytest.fixture
+def hostile():
+    """A registry that answers as each test tells it to, however wrongly."""
+    reg = HostileRegistry()
+    yield reg
+    reg.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from helpers import unique, unstamped
-from helpers.hostile import OCI_LAYER, Answer, HostileRegistry, dumps, hang, sha, valid_image
+from helpers.hostile import OCI_LAYER, Answer, dumps, hang, sha, valid_image
 from helpers.images import Entry, skopeo_copy, tar_bytes
 from helpers.pipeline import push
 from helpers.site import Site
@@ -23,13 +23,6 @@ def site(tmp_path):
     s = Site(tmp_path / "site")
     yield s
     s.close()
-
-
-@pytest.fixture
-def hostile():
-    reg = HostileRegistry()
-    yield reg
-    reg.stop()
 
 
 def outside_untouched(site) -> None:

@@ -5,19 +5,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-from helpers.hostile import Answer, HostileRegistry
+from helpers.hostile import Answer
 
 from unpacked.registry.heads import Heads
 
 DIGEST = f"sha256:{'a' * 64}"
-
-
-@pytest.fixture
-def hostile():
-    reg = HostileRegistry()
-    yield reg
-    reg.stop()
 
 
 def heads(**kw) -> Heads:

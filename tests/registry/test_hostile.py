@@ -18,13 +18,6 @@ from unpacked.registry.client import MAX_TAG_PAGES, RegistryClient
 AMD64 = ("linux/amd64",)
 
 
-@pytest.fixture
-def hostile():
-    reg = HostileRegistry()
-    yield reg
-    reg.stop()
-
-
 def client(**kw) -> RegistryClient:
     return RegistryClient(None, policy=FAST, timeout=5, **kw)
 
