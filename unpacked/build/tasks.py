@@ -366,9 +366,10 @@ class Tasks:
         plan, states = self.ctx.plan, self.states
         rows, oks = [], []
         for digest, entry in sorted(plan.layers.items()):
-            ok, why = states[f"layer:{hex_of(digest)}"]
+            task = f"layer:{hex_of(digest)}"
+            ok, why = states[task]
             oks.append(ok)
-            if self._omit(f"layer:{hex_of(digest)}", ok):
+            if self._omit(task, ok):
                 continue
             repos = sorted(entry.repos)
             first = entry.sources[0][1]
@@ -394,9 +395,10 @@ class Tasks:
         rows, oks = [], []
         for config, entry in sorted(plan.flats.items()):
             image, repos = entry.image, sorted(entry.repos)
-            ok, why = states[f"flat:{hex_of(config)}"]
+            task = f"flat:{hex_of(config)}"
+            ok, why = states[task]
             oks.append(ok)
-            if self._omit(f"flat:{hex_of(config)}", ok):
+            if self._omit(task, ok):
                 continue
             key = self._flat_key(entry)
             row = {"name": hex_of(config),

@@ -134,9 +134,10 @@ class RegistryClient:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _fast_head(self, url: str) -> tuple[int | None, str | None]:
-        """A HEAD without requests' machinery (a third of its cost): the common case of a
-        re-resolve. Returns (status, digest); anything unusual (401, errors) makes the caller
-        take the full path, with its retries, auth answers and error messages."""
+        """A HEAD without requests' machinery (``Heads``, which says what it saves): the
+        common case of a re-resolve. Returns (status, digest); anything unusual (401,
+        errors) makes the caller take the full path, with its retries, auth answers and
+        error messages."""
         if self._heads is None:
             return None, None
         headers = {"Accept": docs.ACCEPT}
