@@ -40,7 +40,7 @@ from build import build_all  # noqa: E402
 from helpers.faults import FaultProxy  # noqa: E402
 from helpers.registry import Registry  # noqa: E402
 
-from unpacked.build.dodo import default_jobs  # noqa: E402
+from unpacked.build.context import default_jobs  # noqa: E402
 from unpacked.settings import Settings  # noqa: E402
 
 JOBS = default_jobs()

@@ -187,7 +187,7 @@ def gc_command(dry_run: bool, project: Path | None) -> None:
     Nothing is changed: deleting happens inside a transaction, in a bare `doit` (setting
     gc on) or `doit gc`.
     """
-    from .build.plan import collection
+    from .build.plan import collection, gc_wants
     from .repo import gc
     ctx = _context(project)
     ctx.writable = False
@@ -206,7 +206,7 @@ def gc_command(dry_run: bool, project: Path | None) -> None:
             raise UnpackedError(f"repository {repo}: {root} does not exist (nothing converted "
                                 "yet, or the root setting is wrong)")
         clocks = gc.Clocks(ctx.settings.cache_dir, repo).load()      # a copy, never saved
-        result = collection(ctx, plan, repo, clocks)
+        result = collection(ctx, gc_wants(ctx, plan, repo), repo, clocks)
         click.echo(f"{repo}: {len(result.due)} to delete, {len(result.pending)} pending "
                    f"(limit {ctx.settings.gc_max_deletions} a run), {len(result.waiting)} in "
                    "their grace period")

@@ -111,17 +111,18 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
         assert _comparable(ours[name]) == _comparable(theirs[name]), name
 
 
-def test_a_finished_task_keeps_its_own_objects_where_its_worker_changed_nothing():
-    """doit hands the main process each task back from its worker as a copy of all of its
-    attributes; only the changed ones replace the task's own (the rest stay shared)."""
-    import pickle
-    task = next(t for t in doit_private.tasks_of("kind", {"doc": "g"}, [dict(ROWS[0])])
-                if t.name == "kind:a")
-    meta, options = task.meta, task.options
-    back = pickle.loads(pickle.dumps(task.pickle_safe_dict()))
-    back["values"] = {"digest": "sha256:1"}
-    back["executed"] = True
-    task.update_from_pickle(back)
-    assert task.meta is meta and task.options is options, "equal values are not replaced"
-    assert task.values == {"digest": "sha256:1"} and task.executed is True
-    assert vars(task).keys() >= back.keys()
+def test_the_command_line_is_read_as_doit_reads_it():
+    from unpacked.build.dodo import jobs_of
+    from unpacked.settings import load
+    settings = load({}, environ={"UNPACKED_JOBS": "3"})
+    call = doit_private.invocation(["doit", "-n", "4", "--always-execute", "image:x", "a=b"])
+    assert call.command == "run" and call.tasks == ["image:x"]
+    assert call.options["num_process"] == 4 and call.options["always"]
+    assert {"num_process", "always"} <= call.given and "par_type" not in call.given
+    assert jobs_of(call, settings) == 4, "-n wins over the setting"
+    assert jobs_of(doit_private.invocation(["doit", "-n0"]), settings) == 0
+    assert jobs_of(doit_private.invocation(["doit"]), settings) == 3
+    one = load({}, environ={"UNPACKED_JOBS": "1"})
+    assert jobs_of(doit_private.invocation(["doit"]), one) == 0, "1 job: no worker at all"
+    listing = doit_private.invocation(["doit", "list", "--all"])
+    assert listing.command == "list" and listing.options["subtasks"] and listing.tasks == []

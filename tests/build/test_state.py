@@ -45,34 +45,18 @@ def test_a_cache_entry_that_does_not_load_is_absent(tmp_path):
     assert state.resolved("r/x:1") is None and state.tags("r/x:*") is None
 
 
-def _in_worker(ctx, out) -> None:
-    """In a forked worker: read what the parent read, write something of its own."""
-    out.put((ctx.state.tags("reg/a"), ctx.state.tags("reg/b")))
-    ctx.state.put_tags("reg/c", ["3"])
-    ctx.state.close()
-
-
-def test_a_forked_worker_keeps_what_its_parent_read_and_writes_through_its_own_handle(
-        tmp_path):
-    import multiprocessing
-
-    from unpacked.build.context import Context
-    from unpacked.settings import load
-    ctx = Context(load({"cache": str(tmp_path / "cache")}, environ={}, project=tmp_path))
-    ctx.state.put_tags("reg/a", ["1"])
-    assert ctx.state.tags("reg/a") == ["1"]          # the parent has read the cache whole
-    # written behind the parent's back: a worker answers from what its parent read, as
-    # the parent does (the state is fixed for a run), without reading the cache again
-    other = State(tmp_path / "cache")
-    other.put_tags("reg/b", ["2"])
-    other.close()
-    fork = multiprocessing.get_context("fork")
-    out = fork.Queue()
-    worker = fork.Process(target=_in_worker, args=(ctx, out))
-    worker.start()
-    assert out.get(timeout=30) == (["1"], None)
-    worker.join(30)
-    assert worker.exitcode == 0
-    again = State(tmp_path / "cache")
-    assert again.tags("reg/c") == ["3"], "the worker's write reached the cache"
-    assert again.tags("reg/b") == ["2"] and again.tags("reg/a") == ["1"]
+def test_a_worker_reads_and_writes_the_cache_key_by_key(tmp_path):
+    whole = State(tmp_path)
+    whole.put_tags("reg/a", ["1"])
+    assert whole.tags("reg/a") == ["1"]             # read whole, now answered from memory
+    single = State(tmp_path, whole=False)
+    single.put_tags("reg/b", ["2"])
+    single.put_failure("reg/c", "boom", gone=True)
+    assert single.tags("reg/a") == ["1"] and single.failure("reg/c") == "boom"
+    assert single._memo is None, "a worker never holds every entry"
+    single.put_failure("reg/c", None)
+    assert single.failure("reg/c") is None and not single.gone("reg/c")
+    # the whole reader answers from what it read; a fresh one sees the worker's writes
+    assert whole.tags("reg/b") is None
+    again = State(tmp_path)
+    assert again.tags("reg/b") == ["2"] and again.failure("reg/c") is None

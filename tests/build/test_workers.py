@@ -1,5 +1,6 @@
-"""A parallel run whose worker processes die (the OOM killer, a kill -9): the run ends and
-says so, and nothing it leaves behind (its transaction, its workers) blocks the next run."""
+"""The worker processes of a parallel run: forked before the plan, each running what a doit
+thread hands it; and a run whose workers die (the OOM killer, a kill -9) ends and says so,
+and nothing it leaves behind (its transaction, its workers) blocks the next run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,93 @@ from helpers import unique
 from helpers.images import Entry
 from helpers.pipeline import push, temps, wait_for
 from helpers.site import Site
+
+from unpacked.build.state import State
+from unpacked.build.workers import RemoteError, WorkerDied, Workers, remote
+
+
+@remote
+def _look(ctx, name: str) -> dict:
+    """In a worker: what it reads of the cache, and what it holds."""
+    import gc
+
+    from unpacked.build.plan import Plan
+    return {"tags": ctx.state.tags(name), "whole": ctx.state._memo is not None,
+            "plans": sum(isinstance(o, Plan) for o in gc.get_objects()),
+            "pid": os.getpid(), "worker": ctx.worker}
+
+
+@remote
+def _write(ctx, name: str, tags: list[str]) -> None:
+    ctx.state.put_tags(name, tags)
+
+
+@remote
+def _bug(ctx) -> None:
+    raise ValueError("a bug in an action")
+
+
+@remote
+def _die(ctx) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def pool(tmp_path):
+    from unpacked.build.context import Context
+    from unpacked.recipe import RecipeSet
+    from unpacked.settings import load
+    settings = load({"cache": str(tmp_path / "cache"), "recipes": str(tmp_path / "r")},
+                    environ={}, project=tmp_path)
+    ctx = Context(settings, RecipeSet([], [], []))
+    ctx.workers = Workers(ctx, 2)
+    yield ctx
+    ctx.workers.stop()
+
+
+def test_workers_hold_no_plan_and_read_what_the_run_wrote_after_they_started(pool):
+    ctx = pool
+    assert ctx.plan is not None                     # built after the workers were forked
+    ctx.state.put_tags("reg/a", ["1"])              # resolved after they were forked
+    seen = _look(ctx, "reg/a")
+    assert seen["pid"] != os.getpid() and seen["worker"]
+    assert seen["tags"] == ["1"] and not seen["whole"] and seen["plans"] == 0
+    _write(ctx, "reg/b", ["2"])
+    assert State(ctx.settings.cache_dir).tags("reg/b") == ["2"], "a worker's write is kept"
+    pids = {_look(ctx, "x")["pid"] for _ in range(6)}
+    assert pids <= {p.pid for p in ctx.workers.processes}
+
+
+def test_an_action_that_breaks_in_a_worker_fails_with_its_traceback(pool):
+    with pytest.raises(RemoteError, match=r"(?s)Traceback.*_bug.*ValueError: a bug"):
+        _bug(pool)
+    assert _look(pool, "x")["worker"], "the worker is still usable"
+
+
+def test_a_worker_that_dies_fails_its_action_and_the_others_go_on(pool):
+    with pytest.raises(WorkerDied, match=r"ended while running _die \(exit code -9\)"):
+        _die(pool)
+    assert _look(pool, "x")["worker"], "the other worker answers"
+
+
+def test_without_workers_an_action_runs_in_this_process(tmp_path):
+    from unpacked.build.context import Context
+    from unpacked.settings import load
+    ctx = Context(load({"cache": str(tmp_path / "cache")}, environ={}, project=tmp_path))
+    assert _look(ctx, "x")["pid"] == os.getpid()
+
+
+def test_workers_start_before_the_resolve(registry, layout, site):
+    """Forked before the resolve and the plan, so that they never hold them (a run's log)."""
+    repo = unique("early")
+    push(registry, layout, repo, "v1", [Entry("a", b"a")])
+    site.recipe([f"http://{registry.host}/{repo}:v1"])
+    site.env["UNPACKED_VERBOSITY"] = "2"
+    done = site.doit("-n", "2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    started = next(i for i, x in enumerate(lines) if "2 worker processes started" in x)
+    assert started < next(i for i, x in enumerate(lines) if "resolving" in x)
 
 
 @pytest.fixture

@@ -158,7 +158,8 @@ def test_signals_never_cut_a_publish(registry, layout, cvmfs_site, jobs, seconds
     os.kill(run.pid, signal.SIGINT)
     os.kill(run.pid, signal.SIGTERM)
     out, err = run.communicate(timeout=60)
-    assert [json.loads(x)["argv"][0] for x in log.read_text().splitlines()][-1] == "publish"
+    calls = [json.loads(x)["argv"][0] for x in log.read_text().splitlines()]
+    assert calls[-1] == "publish", f"{calls}\n{out}\n{err}"
     assert json.loads(log.read_text().splitlines()[-1])["rc"] == 0, "the publish completed"
     assert site.revision() == 2 and not site.transaction_open()
     assert run.returncode in (130, 143), err

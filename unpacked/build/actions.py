@@ -1,10 +1,11 @@
 """The actions of doit's tasks: module-level functions of the run's ``Context``.
 
-They are picklable (doit may start workers by fork, forkserver or spawn). Each raises on
-failure, and ``@step`` turns an image's own failure into a value (``{"failed": reason}``)
-rather than a doit failure, so that doit goes on to publish what succeeded; the reporter
-counts it and sets the exit code. A failure that must stop the tasks behind it (the
-transaction cannot be opened) is a doit failure instead.
+Each raises on failure, and ``@step`` turns an image's own failure into a value
+(``{"failed": reason}``) rather than a doit failure, so that doit goes on to publish what
+succeeded; the reporter counts it and sets the exit code. A failure that must stop the tasks
+behind it (the transaction cannot be opened) is a doit failure instead. ``@remote`` actions
+run in the run's worker processes (workers.py): what they are given crosses a pipe, and they
+read the cache on disk, never the plan.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..reference import parse
 from ..registry.resolved import Layer, PlatformImage, Resolved
 from . import notify
 from .context import Context
+from .workers import remote
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def _image(ctx: Context, name: str, config: str) -> PlatformImage:
                      "doit again")
 
 
+@remote
 def begin(ctx: Context, repo: str) -> TaskFailed | None:
     """Open the repository's transaction; if that fails, nothing behind it may run."""
     try:
@@ -72,6 +75,7 @@ def begin(ctx: Context, repo: str) -> TaskFailed | None:
     return None
 
 
+@remote
 @step
 def ingest(ctx: Context, sources: list[tuple[str, Layer]], repos: list[str]) -> dict:
     from ..image.convert import Options, ingest_layer
@@ -87,6 +91,7 @@ def ingest(ctx: Context, sources: list[tuple[str, Layer]], repos: list[str]) -> 
     return {"digest": digest, "bytes": received}
 
 
+@remote
 @step
 def flatten(ctx: Context, name: str, config: str, repos: list[str], key: str) -> dict:
     from ..image.convert import build_flat
@@ -112,6 +117,7 @@ def _record(ctx: Context, resolved: Resolved, image: PlatformImage, written: str
     return record
 
 
+@remote
 @step
 def link_platform(ctx: Context, name: str, config: str, repos: list[str]) -> dict:
     """One platform of a multi-platform image: its ``.multiarch`` link and metadata."""
@@ -131,6 +137,7 @@ def link_platform(ctx: Context, name: str, config: str, repos: list[str]) -> dic
     return {"manifest": image.manifest_digest}
 
 
+@remote
 @step
 def link(ctx: Context, name: str, targets: list[tuple[str, str, str]], variant: bool) -> dict:
     """Write metadata and flip the public link in each ``(repo, public path, input)``."""
@@ -168,6 +175,7 @@ def gone(ctx: Context, reason: str) -> dict:
     return {"gone": reason, "set": ctx.recipe_set_id}
 
 
+@remote
 @step
 def push_thin(ctx: Context, name: str, targets: list[tuple[str, str, str, str | None]],
               key: str) -> dict:
@@ -213,6 +221,7 @@ def _warn_without_credentials(ctx: Context, host: str, user: str | None) -> None
                 "intended)", host, PASSWORD_ENV, user, host, host)
 
 
+@remote
 @step
 def publish(ctx: Context, repo: str) -> dict:
     return {"errors": ctx.publisher(repo).publish(run_message(ctx, repo))}
@@ -247,14 +256,22 @@ def run_message(ctx: Context, repo: str, deleted: int = 0) -> str:
     return text
 
 
-@step
 def collect(ctx: Context, repo: str) -> dict:
+    """Garbage collection of ``repo``: what the recipes want is read from the plan here, in
+    the main process (the only one that holds it); the deletions run in a worker."""
+    from .plan import gc_wants
+    return delete_due(ctx, repo, gc_wants(ctx, ctx.plan, repo))
+
+
+@remote
+@step
+def delete_due(ctx: Context, repo: str, wants) -> dict:
     """Delete what is due (oldest first, at most gc_max_deletions) inside the transaction."""
     from ..repo import gc
     from .plan import collection
     clocks_file = gc.Clocks(ctx.settings.cache_dir, repo)
     clocks = clocks_file.load()
-    result = collection(ctx, ctx.plan, repo, clocks, remember=True)
+    result = collection(ctx, wants, repo, clocks, remember=True)
     repository = ctx.publisher(repo).repository()
     deleted, errors = [], []
     now = ctx.settings.clock()

@@ -1,9 +1,9 @@
 """The one object a run is carried by: settings, recipes, plan and per-process resources.
 
-doit's task generators and actions all receive it; nothing else holds run state. It pickles
-to its settings and recipe set (small), so actions work when doit starts workers by ``fork``,
-``forkserver`` or ``spawn``; each process builds its own registry clients, state cache and
-publishers on first use, since HTTP pools and diskcache handles must not cross a fork.
+doit's task generators and actions all receive it; nothing else holds run state. A parallel
+run's worker processes (workers.py) each make their own from the settings and recipe set, and
+build their own registry clients, state cache and publishers on first use, since HTTP pools
+and diskcache handles must not cross a fork. It pickles to its settings and recipe set.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ from .state import State
 if TYPE_CHECKING:                       # `doit list` must not pay for importing requests
     from ..registry.client import RegistryClient
     from .plan import Plan
+    from .workers import Workers
 
 
 class Context:
     def __init__(self, settings: Settings, recipes: RecipeSet | None = None,
-                 writable: bool = True):
+                 writable: bool = True, worker: bool = False):
         self.settings = settings
         self.writable = writable        # False: a reader of cache/ (doit list as another user)
+        self.worker = worker            # a worker process: reads the cache key by key
         self._recipes = recipes
         self._pid = os.getpid()
         self._resources: dict = {}
         self.collections: dict = {}     # repo -> the garbage collection worked out at start
+        self.workers: Workers | None = None     # where @remote actions run (a parallel run)
 
     def __getstate__(self) -> dict:
         return {"settings": self.settings, "_recipes": self._recipes, "writable": self.writable}
@@ -47,9 +50,9 @@ class Context:
         """One of this process's resources; a forked child starts afresh."""
         if os.getpid() != self._pid:
             self._pid = os.getpid()
-            state = self._resources.get("state")
-            self._resources = {"state": state.in_child()} if state is not None else {}
+            self._resources = {}
             self.__dict__.pop("plan", None)
+            self.workers = None
             die_with_parent()
         if key not in self._resources:
             self._resources[key] = build()
@@ -81,7 +84,8 @@ class Context:
 
     @property
     def state(self) -> State:
-        return self._resource("state", lambda: State(self.settings.cache_dir, self.writable))
+        return self._resource("state", lambda: State(self.settings.cache_dir, self.writable,
+                                                     whole=not self.worker))
 
     def publisher(self, repo: str) -> Publisher:
         return self._resource(("publisher", repo), lambda: make(repo, self.settings))
@@ -129,3 +133,14 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)            # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def default_jobs() -> int:
+    """Parallel processes when not set: measured in bench/ (ingest is CPU-bound per layer)."""
+    return min(2, os.cpu_count() or 1)
+
+
+def parallel_jobs(settings: Settings) -> int:
+    """doit's ``num_process`` for the ``jobs`` setting: 0 runs the tasks one by one here."""
+    jobs = settings.jobs or default_jobs()
+    return jobs if jobs > 1 else 0

@@ -9,7 +9,6 @@ starts its ``Session`` here (see session.py for why the resolve step is at impor
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from .. import log as logs
 from .. import settings as settings_mod
 from ..errors import EXIT_SIGNAL, RecipeError, UnpackedError, environmental, from_os
 from . import doit_private
-from .context import Context
+from .context import Context, parallel_jobs
 from .reporter import Reporter
 from .session import Interrupted, Session
 from .tasks import Tasks
@@ -63,7 +62,7 @@ def load(argv: list[str] | None = None) -> dict:
             sys.stderr.write(f"unpacked: {line}\n")
         full = command == "run" and not call.tasks and "recipes" not in variables
         if command == "run":
-            session = Session(ctx, full)
+            session = Session(ctx, full, jobs=jobs_of(call, settings))
             session.start()
         listing = command == "list" and not call.tasks and \
             not (options.get("subtasks") or options.get("private"))
@@ -112,16 +111,17 @@ def tune_gc() -> None:
 
 
 def doit_config(ctx: Context, session: Session | None) -> dict:
-    """DOIT_CONFIG: sqlite3 state in cache/, our reporter, keep going on failures."""
+    """DOIT_CONFIG: sqlite3 state in cache/, our reporter, keep going on failures; tasks run
+    in threads that hand the actions to the session's worker processes (workers.py)."""
     s = ctx.settings
-    jobs = s.jobs or default_jobs()
+    jobs = session.jobs if session is not None else parallel_jobs(s)
     config = {
         "backend": "sqlite3",
         "dep_file": str(s.cache_dir / "doit.sqlite"),
         "default_tasks": ["publish", "thin"],
         "continue": True,
-        "num_process": jobs if jobs > 1 else 0,
-        "par_type": "process",
+        "num_process": jobs,
+        "par_type": "thread",
         "verbosity": 2,
         "forget_disable_default": True,
         "minversion": "0.36.0",
@@ -131,6 +131,9 @@ def doit_config(ctx: Context, session: Session | None) -> dict:
     return config
 
 
-def default_jobs() -> int:
-    """Parallel processes when not set: measured in bench/ (ingest is CPU-bound per layer)."""
-    return min(2, os.cpu_count() or 1)
+def jobs_of(call: doit_private.Invocation, settings: settings_mod.Settings) -> int:
+    """doit's ``num_process`` for this run: ``-n N`` on the command line, else the ``jobs``
+    setting's (the session starts as many worker processes)."""
+    if "num_process" in call.given:
+        return max(0, int(call.options.get("num_process") or 0))
+    return parallel_jobs(settings)

@@ -29,6 +29,7 @@ class Invocation(NamedTuple):
     command: str            # run, list, info, forget, ...; "help" for --help/--version
     options: dict           # doit's parsed option values of that command
     tasks: list[str]        # the task names given (``name=value`` variables left out)
+    given: frozenset[str] = frozenset()     # the options given (not left at their default)
 
 
 def invocation(argv: list[str]) -> Invocation:
@@ -48,8 +49,9 @@ def invocation(argv: list[str]) -> Invocation:
     try:
         options, rest = CmdParse([CmdOption(o) for o in table]).parse(args)
     except CmdParseError:
-        options, rest = {}, []
-    return Invocation(name, dict(options), [a for a in rest if "=" not in a])
+        return Invocation(name, {}, [])
+    return Invocation(name, dict(options), [a for a in rest if "=" not in a],
+                      frozenset(getattr(options, "_non_default_keys", ())))
 
 
 RECORDED = ("digest", "key", "manifest", "failed", "set")    # what the task states read
@@ -108,22 +110,6 @@ def _uptodate(item) -> tuple:
     return (item, [], {})
 
 
-_KEEP = object()
-
-
-class RunTask(Task):
-    """doit's ``Task``, less a copy per run task: in a parallel run doit replaces every
-    attribute of a task with the copy its worker sends back (``update_from_pickle``), so
-    each finished task stopped sharing what the others share (a fifth of a cold run's
-    memory in the main process, measured at 2,000 images). Only what changed is taken."""
-
-    def update_from_pickle(self, pickle_obj):
-        mine = self.__dict__
-        for key, value in pickle_obj.items():
-            if mine.get(key, _KEEP) != value:
-                mine[key] = value
-
-
 def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool = False):
     """A doit ``Task`` equal to ``Task(name, **row)`` (row keys: ``ROW_KEYS`` less ``name``),
     made in a sixth of the time: tens of thousands of tasks are made per run, and doit's
@@ -136,7 +122,7 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
         raise ValueError(f"task {name}: unknown keys {sorted(unknown)}")
     if _PROTO is None:
         _PROTO = dict(Task("prototype", None).__dict__)
-    made = RunTask.__new__(RunTask)
+    made = Task.__new__(Task)
     attrs = dict(_PROTO)
     attrs.update(name=name, _actions=list(row.get("actions") or []),
                  task_dep=list(row.get("task_dep", ())), wild_dep=[],

@@ -225,14 +225,15 @@ def gc_policy(settings) -> gc.Policy:
                      settings.gc_prune_gone, settings.gc_max_dropped, settings.clock())
 
 
-def collection(ctx, plan: Plan, repo: str, clocks: dict[str, float],
+def collection(ctx, wants: gc.Wants, repo: str, clocks: dict[str, float],
                remember: bool = False) -> gc.Collection:
-    """The garbage collection of ``repo`` now; ``clocks`` are updated in place. ``remember``:
-    keep the survey of the repository in cache/ (a run does; a look writes nothing)."""
+    """The garbage collection of ``repo`` now, keeping what ``wants`` names (``gc_wants``);
+    ``clocks`` are updated in place. ``remember``: keep the survey of the repository in
+    cache/ (a run does; a look writes nothing)."""
     publisher = ctx.publisher(repo)
     repository: Repository = publisher.repository()
     survey = ctx.settings.cache_dir / "gc" / f"{repo}.images.json"
-    return gc.compute(repository, repo, gc_wants(ctx, plan, repo), clocks,
+    return gc.compute(repository, repo, wants, clocks,
                       gc_policy(ctx.settings),
                       gc.Survey.cached(repository, survey, lambda: _stamp(publisher), remember))
 

@@ -1,7 +1,8 @@
 """What a person (or cron's mail) reads at the end of a run, and the exit code it ends with.
 
-doit calls a reporter's hooks in the main process only, whatever the mode of execution, and
-``complete_run`` at the very end even after an interrupt: that is where the session closes
+doit calls a reporter's hooks in the main process (``execute_task`` from the threads that
+run the tasks, the others from the main thread), and ``complete_run`` at the very end even
+after an interrupt: that is where the session closes
 its transactions and releases its locks. Quiet in cron (only warnings, errors and a summary
 when something changed or failed, every line timestamped), a line per task for a person.
 """

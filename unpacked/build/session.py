@@ -24,9 +24,10 @@ from collections.abc import Callable
 from ..errors import EXIT_SIGNAL, UnpackedError, environmental, from_os
 from ..repo.lock import Lock
 from . import doit_private, notify
-from .context import Context, die_with_parent
+from .context import Context, die_with_parent, parallel_jobs
 from .refresh import Refresher
 from .status import record_run, write_metrics
+from .workers import Workers
 
 log = logging.getLogger("unpacked.run")
 
@@ -35,9 +36,16 @@ class Interrupted(KeyboardInterrupt):
     """Raised in the main process by SIGINT/SIGTERM so that doit unwinds and we abort."""
 
 
+def _ignore(signum, frame) -> None:
+    """The handler of a signal after the first: the run is already ending."""
+
+
 class Session:
-    def __init__(self, ctx: Context, full: bool, wait: float = 0.0):
+    def __init__(self, ctx: Context, full: bool, wait: float = 0.0, jobs: int | None = None):
         self.ctx = ctx
+        # doit's num_process (``-n``, else the setting): as many worker processes; 0, none
+        # (the tasks run one by one in this process)
+        self.jobs = parallel_jobs(ctx.settings) if jobs is None else jobs
         self.wait = wait                # seconds to wait for a lock another run holds
         self.full = full                # no task named on the command line: GC, row pruning
         self.started = time.monotonic()
@@ -62,6 +70,9 @@ class Session:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.on_signal)
             multiprocessing.util.register_after_fork(self, Session.in_worker)
+            if self.jobs > 0:           # forked now, while this process is small
+                self.ctx.workers = Workers(self.ctx, self.jobs, died=self.worker_gone)
+                log.debug("%d worker processes started", self.jobs)
             threading.Thread(target=self.watch_workers, daemon=True).start()
             for repo in self.repos:
                 self.ctx.publisher(repo).recover()
@@ -104,11 +115,19 @@ class Session:
                     continue
                 del seen[pid]
                 if child.exitcode < 0:
-                    time.sleep(1.0)     # a Ctrl-C reaches the workers too: let the run see it
-                    if not self.interrupted:
-                        self.worker_died = f"a worker process died (signal {-child.exitcode})"
-                        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                    self.worker_gone(child.exitcode)
             time.sleep(0.2)
+
+    def worker_gone(self, exitcode: int) -> None:
+        """A worker died: end the run as an interrupted one, unless an interrupt the run is
+        handling killed it too (a Ctrl-C reaches the whole process group)."""
+        if exitcode in (-signal.SIGINT, -signal.SIGTERM):
+            time.sleep(1.0)             # let the run see its own signal first
+        if self.interrupted or self.worker_died:
+            return
+        how = f"signal {-exitcode}" if exitcode < 0 else f"exit code {exitcode}"
+        self.worker_died = f"a worker process died ({how})"
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     def stop_workers(self) -> None:
         """End doit's workers (an interrupted doit may not have told them to stop). A worker
@@ -135,8 +154,10 @@ class Session:
 
     def on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum).name
-        for sig in (signal.SIGINT, signal.SIGTERM):   # a second signal must not cut the abort
-            signal.signal(sig, signal.SIG_IGN)
+        # a second signal must not cut the abort; a Python handler that does nothing, not
+        # SIG_IGN: a signal already caught would then raise "ignored due to race condition"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _ignore)
         raise Interrupted(self.interrupted)
 
     @property
@@ -168,11 +189,12 @@ class Session:
     def record_clocks(self, warn_gone: bool = False) -> None:
         """Record, for each repository, what lost its last reference (GC clocks)."""
         from ..repo import gc
-        from .plan import collection
+        from .plan import collection, gc_wants
         for repo in self.repos:
             clocks_file = gc.Clocks(self.ctx.settings.cache_dir, repo)
             clocks = clocks_file.load()
-            result = collection(self.ctx, self.ctx.plan, repo, clocks, remember=True)
+            result = collection(self.ctx, gc_wants(self.ctx, self.ctx.plan, repo), repo,
+                                clocks, remember=True)
             clocks_file.save(clocks)
             self.ctx.collections[repo] = result
             for name in result.gone if warn_gone else ():
@@ -235,6 +257,9 @@ class Session:
                     status="ok" if record["exit_code"] == 0 else "error")
 
     def release(self) -> None:
+        if self.ctx.workers is not None:
+            self.ctx.workers.stop()
+            self.ctx.workers = None
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()

@@ -101,12 +101,15 @@ def open_cache(folder: Path, writable: bool = True):
 
 class State:
     """The cache, read whole at the first question and answered from memory after that
-    (writes go to both): one query instead of several per image and run."""
+    (writes go to both): one query instead of several per image and run. A worker process
+    (``whole=False``) asks about a few images only, so it reads key by key instead of holding
+    every entry."""
 
-    def __init__(self, cache_dir: Path, writable: bool = True):
+    def __init__(self, cache_dir: Path, writable: bool = True, whole: bool = True):
         self.folder = cache_dir / "state"
         self.cache = open_cache(self.folder, writable)
         self.writable = isinstance(self.cache, diskcache.Cache)
+        self.whole = whole
         self._memo: dict | None = None
         self._parsed: dict[str, Resolved] = {}
         self._lock = threading.Lock()
@@ -114,14 +117,6 @@ class State:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
-
-    def in_child(self) -> State:
-        """This state for a forked worker: its own cache handle (an SQLite connection must
-        not cross a fork), the entries already read kept (pages the parent shares, instead of
-        every worker reading and holding all of them again)."""
-        child = State(self.folder.parent, self.writable)
-        child._memo, child._parsed = self._memo, self._parsed
-        return child
 
     def _entries(self) -> dict:
         with self._lock:
@@ -150,26 +145,36 @@ class State:
         return f"v{VERSION}\x1f{kind}\x1f{name}\x1f{extra}"
 
     def _get(self, key: str):
-        return self._entries().get(key)
+        if self.whole:
+            return self._entries().get(key)
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.get(key)
+        except (OSError, sqlite3.Error, ValueError, EOFError):
+            return None                 # unreadable: absent (resolved again next run)
 
     def _set(self, key: str, value) -> None:
         if not self.writable:
             raise UnpackedError("the cache is read-only for this user; run as its owner")
-        entries = self._entries()
-        if entries.get(key, _MISSING) == value:
+        if self._get(key) == value:
             return                                   # a no-op run writes nothing
         try:
             self.cache.set(key, value)
         except (OSError, sqlite3.Error) as exc:
             raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
                 from None
-        with self._lock:
-            entries[key] = value
+        if self.whole:
+            entries = self._entries()
+            with self._lock:
+                entries[key] = value
 
     def _delete(self, key: str) -> None:
-        entries = self._entries()
-        if self.writable and key in entries:
-            self.cache.delete(key)
+        if not self.writable or self._get(key) is None:
+            return
+        self.cache.delete(key)
+        if self.whole:
+            entries = self._entries()
             with self._lock:
                 entries.pop(key, None)
 

@@ -119,15 +119,15 @@ class NothingDue:
     def __call__(self, task, values) -> bool:
         from ..errors import UnpackedError
         from ..repo.gc import Clocks
-        from .plan import collection
+        from .plan import collection, gc_wants
         if self.answer is not None:
             return self.answer
         s = self.ctx.settings
         # what the run worked out at its start holds while no task changed the repository
         known = self.ctx.collections.get(self.repo) if self.settled() else None
         try:
-            result = known or collection(self.ctx, self.ctx.plan, self.repo,
-                                         Clocks(s.cache_dir, self.repo).load())
+            result = known or collection(self.ctx, gc_wants(self.ctx, self.ctx.plan, self.repo),
+                                         self.repo, Clocks(s.cache_dir, self.repo).load())
         except (OSError, UnpackedError) as exc:
             self.why = f"cannot plan: {exc}"
             return True

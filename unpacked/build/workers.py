@@ -1,0 +1,126 @@
+"""The processes a parallel run's actions execute in, forked at its start while it is small.
+
+doit's own process runner forks its workers when the tasks start, from a main process that
+by then holds the plan and every task object; the main process keeps touching those pages
+while it dispatches, so each worker ends up with its own copy (a cold convert of ten
+thousand images reached 1.4 GiB in three processes). Here doit runs its tasks in threads
+(``par_type: thread``) and each ``@remote`` action hands its work to one of these workers,
+forked before the resolve: they inherit the settings and recipes, never the plan or the
+tasks, and answer from the cache on disk (``Context(worker=True)``).
+
+The workers are ``multiprocessing`` children of the run, so everything that watches or ends
+doit's workers (a worker's death noticed, SIGTERM and the wait for a publish under way on an
+interrupt, death with the run) applies to them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import multiprocessing
+import os
+import pickle
+import queue
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+class WorkerDied(RuntimeError):
+    """The worker running an action ended before it answered (killed, out of memory)."""
+
+
+class RemoteError(RuntimeError):
+    """An action raised an unexpected exception in a worker; carries the worker's traceback."""
+
+
+class Workers:
+    """A fixed set of forked processes, each running one action at a time for a doit thread."""
+
+    def __init__(self, ctx: Context, count: int,
+                 died: Callable[[int], None] = lambda exitcode: None):
+        fork = multiprocessing.get_context("fork")
+        self.owner = os.getpid()
+        self.died = died                # told a dead worker's exit code before its action fails
+        self.free: queue.Queue[tuple[multiprocessing.Process, Connection]] = queue.Queue()
+        self.processes: list[multiprocessing.Process] = []
+        for number in range(count):
+            mine, theirs = fork.Pipe()
+            process = fork.Process(target=_serve, name=f"unpacked-worker-{number + 1}",
+                                   args=(theirs, ctx.settings, ctx.recipes, ctx.writable),
+                                   daemon=True)
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.free.put((process, mine))
+
+    def call(self, action: Callable, args: tuple) -> Any:
+        """``action(<the worker's Context>, *args)`` in a free worker; its result or error."""
+        process, conn = self.free.get()
+        try:
+            conn.send((action, args))
+            ok, answer = conn.recv()
+        except (EOFError, OSError):
+            process.join(5)
+            code = process.exitcode
+            self.died(code if code is not None else -1)
+            raise WorkerDied(f"{process.name} ended while running {action.__name__}"
+                             + (f" (exit code {code})" if code is not None else "")) from None
+        self.free.put((process, conn))
+        if ok:
+            return answer
+        raise RemoteError(answer)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Tell each idle worker to end and wait for it; one still busy is terminated."""
+        while True:
+            try:
+                _, conn = self.free.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for process in self.processes:
+            process.join(timeout)
+            if process.exitcode is None:
+                process.terminate()
+                process.join(timeout)
+
+
+def _serve(conn: Connection, settings, recipes, writable: bool) -> None:
+    """A worker's loop: run what it is sent until told to stop or its run is gone."""
+    from .context import Context
+    ctx = Context(settings, recipes, writable, worker=True)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        action, args = job
+        try:
+            answer = (True, action(ctx, *args))
+        except Exception:                           # a bug: the run reports its traceback
+            answer = (False, traceback.format_exc())
+        try:
+            conn.send(answer)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            conn.send((False, traceback.format_exc()))
+
+
+def remote(action: Callable) -> Callable:
+    """Run ``action(ctx, ...)`` in one of the run's workers when it has them (a parallel
+    run), else here (a serial run; a process doit forked itself, with ``-P process``). The
+    action and its arguments cross a pipe: module-level, picklable."""
+    @functools.wraps(action)
+    def run(ctx: Context, *args):
+        workers = ctx.workers
+        if workers is None or workers.owner != os.getpid():    # not the run's main process
+            return action(ctx, *args)
+        return workers.call(run, args)
+    return run
