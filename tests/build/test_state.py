@@ -60,3 +60,28 @@ def test_a_worker_reads_and_writes_the_cache_key_by_key(tmp_path):
     assert whole.tags("reg/b") is None
     again = State(tmp_path)
     assert again.tags("reg/b") == ["2"] and again.failure("reg/c") is None
+
+
+def _resolved(name: str, digest: str):
+    from unpacked.registry.resolved import Layer, PlatformImage, Resolved
+    layer = Layer("sha256:" + "1" * 64, 10, "application/vnd.oci.image.layer.v1.tar+gzip",
+                  "sha256:" + "2" * 64)
+    image = PlatformImage("linux/amd64", digest, "application/vnd.oci.image.manifest.v1+json",
+                          b'{"m": 1}', "sha256:" + "3" * 64, b'{"c": 1}', [layer])
+    return Resolved(name, digest, image.media_type, ("linux/amd64",), [image])
+
+
+def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
+    first = _resolved("reg/a:1", "sha256:" + "a" * 64)
+    State(tmp_path).put_resolved(first)
+    state = State(tmp_path)
+    known = state.resolved("reg/a:1")
+    assert known == first and state.resolved("reg/a:1") is known
+    assert state._key("resolved", "reg/a:1") not in state._memo, "the raw copy is dropped"
+    writable, state.cache = state.cache, ReadOnlyCache(state.folder)  # no set(): a write fails
+    state.put_resolved(_resolved("reg/a:1", "sha256:" + "a" * 64))   # equal: not written
+    state.cache = writable
+    moved = _resolved("reg/a:1", "sha256:" + "b" * 64)
+    state.put_resolved(moved)
+    assert state.resolved("reg/a:1") == moved
+    assert State(tmp_path).resolved("reg/a:1") == moved, "a change reaches the cache"

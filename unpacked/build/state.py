@@ -191,10 +191,16 @@ class State:
             return None
         if known is not None:
             self._parsed[key] = known
+            if self.whole:      # parsed: the raw copy is dead weight (the largest part of
+                entries = self._entries()           # a run's memory, with many images)
+                with self._lock:
+                    entries.pop(key, None)
         return known
 
     def put_resolved(self, resolved: Resolved) -> None:
         key = self._key("resolved", resolved.name)
+        if self._parsed.get(key) == resolved:
+            return                                   # unchanged: nothing written
         self._set(key, resolved.to_dict())
         self._parsed[key] = resolved
 
