@@ -99,9 +99,10 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
     from doit.loader import generate_tasks
 
     def generator():
-        yield {"name": None, "doc": "the group", "uptodate": [False]}
+        yield {"name": None, "doc": "the group", "uptodate": [False],
+               "io": doit_private.NOT_CAPTURED}
         for row in ROWS:
-            yield dict(row)
+            yield dict(row, io=doit_private.NOT_CAPTURED)
     theirs = {t.name: t for t in generate_tasks("kind", generator(), "the group")}
     ours = {t.name: t for t in doit_private.tasks_of(
         "kind", {"name": None, "doc": "the group", "uptodate": [False]},
@@ -126,3 +127,35 @@ def test_the_command_line_is_read_as_doit_reads_it():
     assert jobs_of(doit_private.invocation(["doit"]), one) == 0, "1 job: no worker at all"
     listing = doit_private.invocation(["doit", "list", "--all"])
     assert listing.command == "list" and listing.options["subtasks"] and listing.tasks == []
+
+
+def _nap(i: int) -> dict:
+    import time
+    time.sleep(0.002)
+    return {"digest": str(i)}
+
+
+def test_tasks_run_in_threads_leave_the_runs_streams_as_they_were(tmp_path):
+    """doit swaps sys.stdout/err around each action it captures; from two threads at once a
+    thread restores another's capture, and a long run's streams end nested thousands deep
+    (exit code 120 at ten thousand images). Our tasks are not captured."""
+    import sys
+
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    def task_nap():
+        yield from doit_private.tasks_of("nap", {"doc": "naps"}, [
+            {"name": str(i), "actions": [(_nap, [i])], "uptodate": [False]}
+            for i in range(60)])
+
+    before = sys.stdout, sys.stderr
+    config = {"backend": "sqlite3", "dep_file": str(tmp_path / "doit.sqlite"),
+              "num_process": 2, "par_type": "thread", "verbosity": 2}
+    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, "task_nap": task_nap}),
+                    config_filenames=()).run(["nap"])
+    after = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = before
+    assert code == 0
+    assert after[0] is before[0] and after[1] is before[1]
+    assert doit_private.recorded_values(tmp_path / "doit.sqlite")["nap:59"] == {"digest": "59"}

@@ -100,6 +100,11 @@ def prune(path: Path, keep: set[str], owner: str) -> int:
 # -- tasks made without doit's per-attribute checks -------------------------------------------
 
 ROW_KEYS = {"name", "actions", "task_dep", "uptodate", "setup", "doc", "meta", "verbosity"}
+# Every task's output goes straight to the run's streams: to capture it, doit swaps
+# sys.stdout/sys.stderr around each action, which its thread runner does from several threads
+# at once (a thread can restore another's capture; with ten thousand tasks a run ended with
+# exit code 120, its streams broken at exit). Our actions log; they print nothing to capture.
+NOT_CAPTURED = {"capture": False}
 _PROTO: dict | None = None
 
 
@@ -111,17 +116,17 @@ def _uptodate(item) -> tuple:
 
 
 def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool = False):
-    """A doit ``Task`` equal to ``Task(name, **row)`` (row keys: ``ROW_KEYS`` less ``name``),
-    made in a sixth of the time: tens of thousands of tasks are made per run, and doit's
-    constructor checks the type of every attribute of each. Our rows are ours; a test pins
-    the equality to doit's."""
+    """A doit ``Task`` equal to ``Task(name, io=NOT_CAPTURED, **row)`` (row keys:
+    ``ROW_KEYS`` less ``name``), made in a sixth of the time: tens of thousands of tasks are
+    made per run, and doit's constructor checks the type of every attribute of each. Our rows
+    are ours; a test pins the equality to doit's."""
     from doit.task import first_line
     global _PROTO
     unknown = set(row) - ROW_KEYS
     if unknown:
         raise ValueError(f"task {name}: unknown keys {sorted(unknown)}")
     if _PROTO is None:
-        _PROTO = dict(Task("prototype", None).__dict__)
+        _PROTO = dict(Task("prototype", None, io=NOT_CAPTURED).__dict__)
     made = Task.__new__(Task)
     attrs = dict(_PROTO)
     attrs.update(name=name, _actions=list(row.get("actions") or []),

@@ -359,7 +359,7 @@ class Tasks:
         """Open a repository's transaction (a setup task: only when something is stale)."""
         for repo in self.ctx.plan.repos:
             yield {"name": repo, "actions": [(actions.begin, [self.ctx, repo])],
-                   "doc": f"open the transaction of {repo}"}
+                   "doc": f"open the transaction of {repo}", "io": doit_private.NOT_CAPTURED}
 
     def task_layer(self):
         """Download, verify and unpack one layer into .layers/<hex>."""
@@ -511,7 +511,8 @@ class Tasks:
             yield {"name": repo, "actions": [(actions.publish, [self.ctx, repo])],
                    "task_dep": self._repo_images(repo) + gc_dep,
                    "uptodate": [closed],
-                   "doc": f"publish {repo} ({count(total, 'image')})", "verbosity": 2}
+                   "doc": f"publish {repo} ({count(total, 'image')})", "verbosity": 2,
+                   "io": doit_private.NOT_CAPTURED}
 
     def task_thin(self):
         """Push thin images (thin.json naming CVMFS paths) for recipes with output_format."""
@@ -546,4 +547,5 @@ class Tasks:
                    "task_dep": self._repo_images(repo),
                    "uptodate": [due], "setup": [self._txn(repo)],
                    "doc": f"garbage collection of {repo} (grace {s.gc_grace:g} days, at most "
-                          f"{s.gc_max_deletions} deletions a run)", "verbosity": 2}
+                          f"{s.gc_max_deletions} deletions a run)", "verbosity": 2,
+                   "io": doit_private.NOT_CAPTURED}
