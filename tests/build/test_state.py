@@ -54,6 +54,9 @@ def test_a_worker_reads_and_writes_the_cache_key_by_key(tmp_path):
     single.put_failure("reg/c", "boom", gone=True)
     assert single.tags("reg/a") == ["1"] and single.failure("reg/c") == "boom"
     assert single._memo is None, "a worker never holds every entry"
+    single.put_resolved(_resolved("reg/d:1", "sha256:" + "d" * 64))
+    assert single.resolved("reg/d:1") == _resolved("reg/d:1", "sha256:" + "d" * 64)
+    assert not single._parsed, "nor keeps what it parsed"
     single.put_failure("reg/c", None)
     assert single.failure("reg/c") is None and not single.gone("reg/c")
     # the whole reader answers from what it read; a fresh one sees the worker's writes

@@ -189,12 +189,13 @@ class State:
             known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if known is not None:
+        if known is not None and self.whole:    # a worker keeps nothing it read
             self._parsed[key] = known
-            if self.whole:      # parsed: the raw copy is dead weight (the largest part of
-                entries = self._entries()           # a run's memory, with many images)
-                with self._lock:
-                    entries.pop(key, None)
+            # parsed: the raw copy is dead weight (the largest part of a run's memory, with
+            # many images)
+            entries = self._entries()
+            with self._lock:
+                entries.pop(key, None)
         return known
 
     def put_resolved(self, resolved: Resolved) -> None:
@@ -202,7 +203,8 @@ class State:
         if self._parsed.get(key) == resolved:
             return                                   # unchanged: nothing written
         self._set(key, resolved.to_dict())
-        self._parsed[key] = resolved
+        if self.whole:
+            self._parsed[key] = resolved
 
     def tags(self, name: str) -> list[str] | None:
         got = self._get(self._key("tags", name))
