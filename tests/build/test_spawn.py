@@ -1,6 +1,7 @@
 """A parallel run works whatever multiprocessing's default start method (spawn, or
 forkserver, Python 3.14's default): the run forks its worker processes itself. And when an
-operator asks doit for its own process workers (``-P process``), the actions run in those."""
+operator asks doit for its own process workers (``-P process``), the actions run in those,
+also when doit spawns them (the run's Context pickles)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ RUN = ("import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1
        "from doit.doit_cmd import DoitMain; sys.exit(DoitMain().run(sys.argv[2:]))")
 
 
-@pytest.mark.parametrize("method, extra", [("spawn", []), ("forkserver", []),
-                                           ("fork", ["-P", "process"])])
+@pytest.mark.parametrize("method, extra", [("forkserver", []), ("fork", ["-P", "process"]),
+                                           ("spawn", ["-P", "process"])])
 def test_parallel_run_with(method, extra, registry, layout, tmp_path):
     site = Site(tmp_path / "site")
     repos = [unique("spawn"), unique("spawn")]

@@ -5,6 +5,7 @@ and nothing it leaves behind (its transaction, its workers) blocks the next run.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -19,15 +20,19 @@ from unpacked.build.state import State
 from unpacked.build.workers import RemoteError, WorkerDied, Workers, remote
 
 
-@remote
-def _look(ctx, name: str) -> dict:
-    """In a worker: what it reads of the cache, and what it holds."""
+def _plans() -> int:
     import gc
 
     from unpacked.build.plan import Plan
+    gc.collect()
+    return sum(isinstance(o, Plan) for o in gc.get_objects())
+
+
+@remote
+def _look(ctx, name: str) -> dict:
+    """In a worker: what it reads of the cache, and what it holds."""
     return {"tags": ctx.state.tags(name), "whole": ctx.state._memo is not None,
-            "plans": sum(isinstance(o, Plan) for o in gc.get_objects()),
-            "pid": os.getpid(), "worker": ctx.worker}
+            "plans": _plans(), "pid": os.getpid(), "worker": ctx.worker}
 
 
 @remote
@@ -53,6 +58,7 @@ def pool(tmp_path):
     settings = load({"cache": str(tmp_path / "cache"), "recipes": str(tmp_path / "r")},
                     environ={}, project=tmp_path)
     ctx = Context(settings, RecipeSet([], [], []))
+    ctx.plans_inherited = _plans()          # what this process holds when they are forked
     ctx.workers = Workers(ctx, 2)
     yield ctx
     ctx.workers.stop()
@@ -61,10 +67,12 @@ def pool(tmp_path):
 def test_workers_hold_no_plan_and_read_what_the_run_wrote_after_they_started(pool):
     ctx = pool
     assert ctx.plan is not None                     # built after the workers were forked
+    assert _plans() > ctx.plans_inherited
     ctx.state.put_tags("reg/a", ["1"])              # resolved after they were forked
     seen = _look(ctx, "reg/a")
     assert seen["pid"] != os.getpid() and seen["worker"]
-    assert seen["tags"] == ["1"] and not seen["whole"] and seen["plans"] == 0
+    assert seen["tags"] == ["1"] and not seen["whole"]
+    assert seen["plans"] == ctx.plans_inherited, "a worker holds no plan made after its fork"
     _write(ctx, "reg/b", ["2"])
     assert State(ctx.settings.cache_dir).tags("reg/b") == ["2"], "a worker's write is kept"
     pids = {_look(ctx, "x")["pid"] for _ in range(6)}
@@ -81,6 +89,28 @@ def test_a_worker_that_dies_fails_its_action_and_the_others_go_on(pool):
     with pytest.raises(WorkerDied, match=r"ended while running _die \(exit code -9\)"):
         _die(pool)
     assert _look(pool, "x")["worker"], "the other worker answers"
+
+
+def test_what_cannot_be_sent_fails_its_action_and_loses_no_worker(pool):
+    for _ in range(3):                      # more than there are workers
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            _look(pool, lambda: "a local function does not pickle")
+    assert _look(pool, "x")["worker"]
+
+
+def test_a_stopped_pool_runs_nothing_and_its_workers_are_gone(pool):
+    processes = list(pool.workers.processes)
+    pool.workers.stop()
+    assert all(p.exitcode == 0 for p in processes), "told to end, they ended"
+    with pytest.raises(WorkerDied, match="the run is ending"):
+        _look(pool, "x")                    # never run in this process instead
+
+
+def test_a_worker_ends_when_its_run_is_gone(pool):
+    process, conn = pool.workers.free.get()
+    conn.close()                            # as when the run's process is gone
+    process.join(10)
+    assert process.exitcode == 0, "it saw the end of its pipe"
 
 
 def test_without_workers_an_action_runs_in_this_process(tmp_path):
@@ -116,7 +146,7 @@ def site(tmp_path):
 
 
 def workers(pid: int) -> list[int]:
-    """The processes doit forked for ``-n``."""
+    """The run's worker processes (``-n``)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
@@ -165,7 +195,7 @@ def test_workers_of_a_killed_run_die_with_it_and_leave_the_repository_usable(
         registry, layout, site, proxy):
     run, names = start_slow_parallel(registry, layout, site, proxy)
     forked = workers(run.pid)
-    assert forked, "doit -n 2 started no workers"
+    assert forked, "a run with -n 2 started no workers"
     run.kill()
     run.communicate(timeout=30)
     assert wait_for(lambda: not any(alive(p) for p in forked), 20), "orphaned workers live on"

@@ -227,7 +227,8 @@ def redirect(h, host: str, repo: str) -> None:
 
 
 def test_a_worker_forked_while_the_watchdog_held_its_lock_still_meets_deadlines(hostile):
-    """doit forks workers at any moment; the child must not inherit a held lock."""
+    """A worker may be forked at any moment (the run's, or doit's own with -P process); the
+    child must not inherit a held lock."""
     from unpacked.registry import retry
 
     def trickle(h):

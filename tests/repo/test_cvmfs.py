@@ -145,7 +145,8 @@ def test_signals_never_cut_a_publish(registry, layout, cvmfs_site, jobs, seconds
     push(registry, layout, repo, "v1", [Entry("a", b"a")])
     site.recipe([f"http://{registry.host}/{repo}:v1"])
     site.env["CVMFS_STANDIN_SLEEP"] = f"publish:{seconds}"
-    run = site.start("-n", jobs)
+    site.env["UNPACKED_JOBS"] = jobs            # 1: the publish runs in the run's own process
+    run = site.start()
     log = site.state / "calls.log"
     deadline = time.time() + 60
     while time.time() < deadline and not (site.state / "spool" / site.repo /

@@ -44,7 +44,7 @@ class Context:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["settings"], state["_recipes"], state["writable"])
-        die_with_parent()                   # a spawned worker
+        die_with_parent()   # a worker doit spawned itself (-P process under spawn)
 
     def _resource(self, key, build):
         """One of this process's resources; a forked child starts afresh."""
@@ -125,7 +125,7 @@ class Context:
 
 
 def die_with_parent() -> None:
-    """A doit worker must not outlive its run (``kill -9`` of the run, OOM killer)."""
+    """A worker process must not outlive its run (``kill -9`` of the run, OOM killer)."""
     if multiprocessing.current_process().name == "MainProcess":
         return
     try:

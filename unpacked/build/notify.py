@@ -3,7 +3,7 @@
 Setting ``notification_file``. The action names and fields are DUCC's (ducc.md §9): pairs of
 ``start_…``/``end_…`` actions sharing an ``id``, with ``status`` (ok or error), ``error``,
 ``time_elapsed_s``, ``image``, ``layer_digest``, ``public_path``, ``size_bytes``, ``pid`` and
-``time`` in DUCC's format. Several processes append to it (doit's workers, the listener): each
+``time`` in DUCC's format. Several processes append to it (the run's workers, the listener): each
 line is one ``write`` on an ``O_APPEND`` descriptor under an exclusive ``flock``, so lines never
 interleave.
 """

@@ -55,6 +55,7 @@ class Session:
         self.problems: list[str] = []   # resolve problems to report at the end
         self.failed_resolves = 0
         self.worker_died = ""
+        self.closing = False            # the run is ending its workers itself
         self.aborted: list[str] = []    # repositories whose transaction an interrupt aborted
         self.idle_images: Callable[[], set[str]] = set   # images doit has no reason to visit
         self.omitted_tasks: Callable[[], set[str]] = set  # up to date, so not made (bare run)
@@ -93,7 +94,7 @@ class Session:
 
     def in_worker(self) -> None:
         """In a forked worker: the locks are the run's, not the worker's (an orphaned worker
-        must not keep later runs out); the run's signal handler is not the worker's (doit's
+        must not keep later runs out); the run's signal handler is not the worker's (the run's
         terminate() must end it); and the worker dies with the run."""
         for lock in self.locks:
             lock.forget()
@@ -102,10 +103,11 @@ class Session:
         die_with_parent()
 
     def watch_workers(self) -> None:
-        """doit waits forever for a worker that died (the OOM killer, a kill -9): notice it,
-        and end the run as an interrupted one (its transaction aborted, the locks freed)."""
+        """A worker that died (the OOM killer, a kill -9) ends the run as an interrupted one
+        (its transaction aborted, the locks freed): noticed here when it was idle, or when
+        doit forked its own workers (``-P process``), which doit would wait for forever."""
         seen: dict[int, multiprocessing.Process] = {}
-        while not self.interrupted:
+        while not self.interrupted and not self.closing:
             # the set itself: active_children() would reap a worker that died between two
             # looks before this loop saw it
             for child in list(multiprocessing.process._children):
@@ -118,22 +120,29 @@ class Session:
                     self.worker_gone(child.exitcode)
             time.sleep(0.2)
 
-    def worker_gone(self, exitcode: int) -> None:
+    def worker_gone(self, exitcode: int | None) -> None:
         """A worker died: end the run as an interrupted one, unless an interrupt the run is
-        handling killed it too (a Ctrl-C reaches the whole process group)."""
+        handling killed it too (a Ctrl-C reaches the whole process group), or the run is
+        ending its workers itself."""
         if exitcode in (-signal.SIGINT, -signal.SIGTERM):
             time.sleep(1.0)             # let the run see its own signal first
-        if self.interrupted or self.worker_died:
+        if self.interrupted or self.worker_died or self.closing:
             return
-        how = f"signal {-exitcode}" if exitcode < 0 else f"exit code {exitcode}"
-        self.worker_died = f"a worker process died ({how})"
+        how = "" if exitcode is None else f" (signal {-exitcode})" if exitcode < 0 \
+            else f" (exit code {exitcode})"
+        self.worker_died = f"a worker process died{how}"
         signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     def stop_workers(self) -> None:
-        """End doit's workers (an interrupted doit may not have told them to stop). A worker
-        inside ``cvmfs_server transaction`` or ``publish`` defers the signal; it is waited
-        for however long that takes, never killed: a cut publish damages the repository."""
-        children = list(multiprocessing.process._children)
+        """End the run's worker processes before its transactions are closed: the idle ones
+        are told to; one still busy (an interrupt, or an error that cut the run short) is
+        terminated. A worker inside ``cvmfs_server transaction`` or ``publish`` defers the
+        signal; it is waited for however long that takes, never killed: a cut publish damages
+        the repository."""
+        self.closing = True
+        if self.ctx.workers is not None:
+            self.ctx.workers.stop()
+        children = [c for c in multiprocessing.process._children if c.is_alive()]
         for child in children:
             child.terminate()
         said = False
@@ -207,8 +216,7 @@ class Session:
         """Publish (or abort, when interrupted) what is still open; (published?, errors)."""
         from .actions import run_message
         published, errors = False, []
-        if self.interrupted:
-            self.stop_workers()
+        self.stop_workers()             # nothing may write while the transactions close
         for repo in self.repos:
             publisher = self.ctx.publisher(repo)
             if not publisher.is_open():
@@ -257,9 +265,9 @@ class Session:
                     status="ok" if record["exit_code"] == 0 else "error")
 
     def release(self) -> None:
+        self.closing = True
         if self.ctx.workers is not None:
-            self.ctx.workers.stop()
-            self.ctx.workers = None
+            self.ctx.workers.stop()         # no action runs here after this: they fail
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()

@@ -8,9 +8,9 @@ thousand images reached 1.4 GiB in three processes). Here doit runs its tasks in
 forked before the resolve: they inherit the settings and recipes, never the plan or the
 tasks, and answer from the cache on disk (``Context(worker=True)``).
 
-The workers are ``multiprocessing`` children of the run, so everything that watches or ends
-doit's workers (a worker's death noticed, SIGTERM and the wait for a publish under way on an
-interrupt, death with the run) applies to them unchanged.
+The workers are ``multiprocessing`` children of the run: the session notices one that dies
+(the run ends as interrupted), ends them before it closes a transaction (waiting for one
+inside a publish), and they die with the run.
 """
 
 from __future__ import annotations
@@ -42,16 +42,21 @@ class Workers:
     """A fixed set of forked processes, each running one action at a time for a doit thread."""
 
     def __init__(self, ctx: Context, count: int,
-                 died: Callable[[int], None] = lambda exitcode: None):
+                 died: Callable[[int | None], None] = lambda exitcode: None):
         fork = multiprocessing.get_context("fork")
         self.owner = os.getpid()
         self.died = died                # told a dead worker's exit code before its action fails
+        self.stopped = False
         self.free: queue.Queue[tuple[multiprocessing.Process, Connection]] = queue.Queue()
         self.processes: list[multiprocessing.Process] = []
+        ours: list[Connection] = []
         for number in range(count):
             mine, theirs = fork.Pipe()
+            ours.append(mine)
+            # each worker closes the run's ends of every pipe it inherits: it sees the run go
             process = fork.Process(target=_serve, name=f"unpacked-worker-{number + 1}",
-                                   args=(theirs, ctx.settings, ctx.recipes, ctx.writable),
+                                   args=(theirs, list(ours), ctx.settings, ctx.recipes,
+                                         ctx.writable),
                                    daemon=True)
             process.start()
             theirs.close()
@@ -60,40 +65,50 @@ class Workers:
 
     def call(self, action: Callable, args: tuple) -> Any:
         """``action(<the worker's Context>, *args)`` in a free worker; its result or error."""
+        if self.stopped:
+            raise WorkerDied(f"the run is ending; {action.__name__} not run")
         process, conn = self.free.get()
+        alive = True
         try:
             conn.send((action, args))
             ok, answer = conn.recv()
         except (EOFError, OSError):
+            alive = False
             process.join(5)
             code = process.exitcode
-            self.died(code if code is not None else -1)
+            self.died(code)
             raise WorkerDied(f"{process.name} ended while running {action.__name__}"
                              + (f" (exit code {code})" if code is not None else "")) from None
-        self.free.put((process, conn))
+        finally:
+            if alive:
+                self.free.put((process, conn))
         if ok:
             return answer
         raise RemoteError(answer)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Tell each idle worker to end and wait for it; one still busy is terminated."""
+        """Tell the idle workers to end, and wait for them; a busy one is left to the caller
+        (it may be publishing). No action is handed out after this."""
+        self.stopped = True
+        told = []
         while True:
             try:
-                _, conn = self.free.get_nowait()
+                process, conn = self.free.get_nowait()
             except queue.Empty:
                 break
             with contextlib.suppress(OSError):
                 conn.send(None)
-        for process in self.processes:
+            told.append(process)
+        for process in told:
             process.join(timeout)
-            if process.exitcode is None:
-                process.terminate()
-                process.join(timeout)
 
 
-def _serve(conn: Connection, settings, recipes, writable: bool) -> None:
+def _serve(conn: Connection, inherited: list[Connection], settings, recipes,
+           writable: bool) -> None:
     """A worker's loop: run what it is sent until told to stop or its run is gone."""
     from .context import Context
+    for other in inherited:
+        other.close()
     ctx = Context(settings, recipes, writable, worker=True)
     while True:
         try:
