@@ -52,7 +52,6 @@ class Context:
             self._pid = os.getpid()
             self._resources = {}
             self.__dict__.pop("plan", None)
-            self.workers = None
             die_with_parent()
         if key not in self._resources:
             self._resources[key] = build()

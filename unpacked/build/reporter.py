@@ -2,9 +2,9 @@
 
 doit calls a reporter's hooks in the main process (``execute_task`` from the threads that
 run the tasks, the others from the main thread), and ``complete_run`` at the very end even
-after an interrupt: that is where the session closes
-its transactions and releases its locks. Quiet in cron (only warnings, errors and a summary
-when something changed or failed, every line timestamped), a line per task for a person.
+after an interrupt: that is where the session closes its transactions and releases its
+locks. Quiet in cron (only warnings, errors and a summary when something changed or failed,
+every line timestamped), a line per task for a person.
 """
 
 from __future__ import annotations
