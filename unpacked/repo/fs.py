@@ -211,8 +211,9 @@ class Dir:
             return None
         return f
 
-    def read_bytes(self, name: str, limit: int = 1 << 24) -> bytes | None:
-        """A regular file's content (never through a symlink), or None if it is not one."""
+    def read_bytes(self, name: str, limit: int = 1 << 24, head: bool = False) -> bytes | None:
+        """A regular file's content (never through a symlink), or None if it is not one;
+        None too when it is longer than ``limit``, unless ``head`` asks for its start."""
         _check_name(name)
         try:
             fd = os.open(name, READ_FILE, dir_fd=self.fd)
@@ -222,7 +223,7 @@ class Dir:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return None
             data = f.read(limit + 1)
-        return data if len(data) <= limit else None
+        return data[:limit] if head or len(data) <= limit else None
 
     # -- changing -------------------------------------------------------------------------------
 

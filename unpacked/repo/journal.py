@@ -64,8 +64,13 @@ class Journal:
         return os.path.isfile(self.root / STATE / JOURNAL)
 
     def txn(self) -> str | None:
-        records = self.records()
-        return records[0].get("txn") if records else None
+        try:            # the header alone: a large transaction's journal is tens of MiB
+            with self._state(create=False) as state:
+                head = state.read_bytes(JOURNAL, limit=4096, head=True)
+            record = json.loads((head or b"").split(b"\n", 1)[0])
+        except (UnpackedError, OSError, ValueError):
+            return None
+        return record.get("txn") if isinstance(record, dict) else None
 
     def records(self) -> list[dict]:
         try:
