@@ -86,5 +86,25 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
     state.cache = writable
     moved = _resolved("reg/a:1", "sha256:" + "b" * 64)
     state.put_resolved(moved)
-    assert state.resolved("reg/a:1") == moved
+    assert state.resolved("reg/a:1") is moved
+    assert state._key("resolved", "reg/a:1") not in state._memo, "nor is what was written kept"
     assert State(tmp_path).resolved("reg/a:1") == moved, "a change reaches the cache"
+    fresh = State(tmp_path)
+    fresh.put_resolved(first)                           # as a cold run's resolve does
+    assert fresh._key("resolved", "reg/a:1") not in fresh._memo
+    assert State(tmp_path).resolved("reg/a:1") == first
+
+
+def test_digests_and_media_types_are_held_once_however_many_images_name_them():
+    import json
+
+    from unpacked.registry.resolved import Resolved
+    one = _resolved("reg/a:1", "sha256:" + "a" * 64)
+    # strings made anew, as each manifest's parse or each cache read makes them
+    again = [Resolved.from_dict(json.loads(json.dumps(one.to_dict()))) for _ in range(2)]
+    for x, y in ((one, again[0]), (again[0], again[1])):
+        assert x.images[0].layers[0].digest is y.images[0].layers[0].digest
+        assert x.images[0].layers[0].diff_id is y.images[0].layers[0].diff_id
+        assert x.images[0].layers[0].media_type is y.images[0].layers[0].media_type
+        assert x.images[0].platform is y.images[0].platform
+        assert x.images[0].config_digest is y.images[0].config_digest

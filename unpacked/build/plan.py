@@ -56,7 +56,7 @@ class ImagePlan:
         return len(self.images) > 1
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerPlan:
     digest: str
     sources: list[tuple[ImageRef, Layer]] = field(default_factory=list)
@@ -64,7 +64,7 @@ class LayerPlan:
     images: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class FlatPlan:
     config: str
     name: str                    # the first image that needs it (for messages)

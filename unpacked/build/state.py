@@ -190,12 +190,7 @@ class State:
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
         if known is not None and self.whole:    # a worker keeps nothing it read
-            self._parsed[key] = known
-            # parsed: the raw copy is dead weight (the largest part of a run's memory, with
-            # many images)
-            entries = self._entries()
-            with self._lock:
-                entries.pop(key, None)
+            self._keep_parsed(key, known)
         return known
 
     def put_resolved(self, resolved: Resolved) -> None:
@@ -204,7 +199,15 @@ class State:
             return                                   # unchanged: nothing written
         self._set(key, resolved.to_dict())
         if self.whole:
-            self._parsed[key] = resolved
+            self._keep_parsed(key, resolved)
+
+    def _keep_parsed(self, key: str, resolved: Resolved) -> None:
+        """Keep the parsed form alone: the raw copy is dead weight (the largest part of a
+        run's memory, with many images)."""
+        self._parsed[key] = resolved
+        entries = self._entries()
+        with self._lock:
+            entries.pop(key, None)
 
     def tags(self, name: str) -> list[str] | None:
         got = self._get(self._key("tags", name))

@@ -8,17 +8,30 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from sys import intern
 
 from .documents import ImageConfig, parse_config
 
 
-@dataclass(frozen=True)
+def _share(obj, *names: str) -> None:
+    """One string object for each digest, media type and platform however many images name
+    it: a run holds every image's state (a base layer's digest was stored once per image)."""
+    for name in names:
+        value = getattr(obj, name)
+        if type(value) is str:
+            object.__setattr__(obj, name, intern(value))
+
+
+@dataclass(frozen=True, slots=True)
 class Layer:
     digest: str
     size: int
     media_type: str
     diff_id: str
     urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _share(self, "digest", "media_type", "diff_id")
 
 
 @dataclass
@@ -32,6 +45,9 @@ class PlatformImage:
     config_digest: str
     config: bytes              # the exact bytes fetched
     layers: list[Layer]
+
+    def __post_init__(self) -> None:
+        _share(self, "platform", "media_type", "config_digest")
 
     @cached_property
     def config_doc(self) -> ImageConfig:
