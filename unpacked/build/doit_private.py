@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from sys import intern
 from typing import NamedTuple
 
 from doit.task import Task
@@ -183,7 +184,9 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
 def tasks_of(basename: str, group: dict, rows: list[dict]):
     """The group task ``basename`` and its subtasks ``basename:<row name>``, from the rows a
     generator would have yielded to doit (what doit's loader makes of them)."""
-    subtasks = [task(f"{basename}:{row['name']}", row, subtask_of=basename) for row in rows]
+    # one string per task name, shared with the tasks that name it in their deps
+    subtasks = [task(intern(f"{basename}:{row['name']}"), row, subtask_of=basename)
+                for row in rows]
     yield task(basename, {"task_dep": [t.name for t in subtasks],
                           "uptodate": group.get("uptodate", ()), "doc": group.get("doc")},
                has_subtask=True)

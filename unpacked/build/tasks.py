@@ -16,12 +16,20 @@ import hashlib
 import json
 import os
 from functools import cached_property
+from sys import intern
 
 from ..log import count
 from ..repo.layout import FLAT, LAYERS, METADATA, hex_of, public_target
 from . import actions, doit_private
 from .context import Context
 from .plan import FlatPlan, ImagePlan, multiarch_name, public_link, thin_targets
+
+
+def task_name(kind: str, key: str) -> str:
+    """``kind:key`` as one string object however often it is named (a task's name, its
+    state, and the deps of every task that waits for it: fifty thousand tasks a run at ten
+    thousand images)."""
+    return intern(f"{kind}:{key}")
 
 
 class Status:
@@ -261,30 +269,30 @@ class Tasks:
         plan = self.ctx.plan
         recorded = plan.recorded
         states: dict[str, tuple[bool, str]] = {}
-        self.layer_dirs: dict[str, list[str]] = {}
         for digest, entry in plan.layers.items():
-            dirs = [os.path.join(self._root(r), LAYERS, hex_of(digest))
-                    for r in sorted(entry.repos)]
-            self.layer_dirs[digest] = dirs
-            task = f"layer:{hex_of(digest)}"
-            states[task] = layer_status(recorded.get(task, {}), digest, dirs)
+            task = task_name("layer", hex_of(digest))
+            states[task] = layer_status(recorded.get(task, {}), digest,
+                                        self._layer_dirs(digest, entry.repos))
         for config, entry in plan.flats.items():
-            task = f"flat:{hex_of(config)}"
+            task = task_name("flat", hex_of(config))
             states[task] = flat_status(recorded.get(task, {}), self._flat_key(entry),
                                        self._flat_dirs(entry), self._forced(entry))
         for name, items in self.converted.items():
             for task, _, checks, digest in self._platform_rows(name, items):
                 states[task] = link_status(recorded.get(task, {}), digest, checks)
             checks, _ = self._image_checks(name, items)
-            task = f"image:{name}"
+            task = task_name("image", name)
             states[task] = link_status(recorded.get(task, {}), items[0].resolved.top_digest,
                                        checks)
             if any(i.recipe.output_format for i in items):
-                task = f"thin:{name}"
+                task = task_name("thin", name)
                 states[task] = thin_status(recorded.get(task, {}), thin_targets(items)[1])
         for name in self.by_name:
-            states.setdefault(f"image:{name}", (False, "not converted"))
+            states.setdefault(task_name("image", name), (False, "not converted"))
         return states
+
+    def _layer_dirs(self, digest: str, repos) -> list[str]:
+        return [os.path.join(self._root(r), LAYERS, hex_of(digest)) for r in sorted(repos)]
 
     def _flat_key(self, entry: FlatPlan) -> str:
         """What a flat image is built from: its layers, the flatten mode, the sandbox."""
@@ -300,7 +308,7 @@ class Tasks:
         """``doit forget image:X`` re-flattens X: its record gone, its link still there."""
         recorded = self.ctx.plan.recorded
         for item in flat.images:
-            if f"image:{item.name}" not in recorded and \
+            if task_name("image", item.name) not in recorded and \
                     os.path.islink(os.path.join(self._root(item.repo), item.public)):
                 return f"image:{item.name} was forgotten: rebuilding its flat image"
         return None
@@ -315,7 +323,8 @@ class Tasks:
             checks = [(os.path.join(self._root(r), path),
                        public_target(path, image.config_digest),
                        os.path.join(self._root(r), METADATA, path)) for r in repos]
-            yield f"platform:{name}#{image.platform}", image, checks, image.manifest_digest
+            task = task_name("platform", f"{name}#{image.platform}")
+            yield task, image, checks, image.manifest_digest
 
     def _image_checks(self, name: str, items: list[ImagePlan]):
         first = items[0]
@@ -334,10 +343,10 @@ class Tasks:
         deps = self._deps_of.get(name)
         if deps is None:
             images = items[0].images
-            deps = [f"flat:{hex_of(i.config_digest)}" for i in images]
-            deps += sorted({f"layer:{hex_of(x.digest)}" for i in images for x in i.layers})
+            deps = [task_name("flat", hex_of(i.config_digest)) for i in images]
+            deps += sorted({task_name("layer", hex_of(x.digest)) for i in images for x in i.layers})
             if items[0].multiarch:
-                deps += [f"platform:{name}#{i.platform}" for i in images]
+                deps += [task_name("platform", f"{name}#{i.platform}") for i in images]
             self._deps_of[name] = deps
         return deps
 
@@ -345,7 +354,8 @@ class Tasks:
     def busy_images(self) -> set[str]:
         """Images with work to do (theirs or a dependency's): what publish and gc wait for."""
         return {name for name, items in self.converted.items()
-                if self.all_edges or self._needs(f"image:{name}", self._image_deps(name, items))} \
+                if self.all_edges
+                or self._needs(task_name("image", name), self._image_deps(name, items))} \
             | {name for name in self.by_name if name not in self.converted}
 
     @property
@@ -366,7 +376,7 @@ class Tasks:
         plan, states = self.ctx.plan, self.states
         rows, oks = [], []
         for digest, entry in sorted(plan.layers.items()):
-            task = f"layer:{hex_of(digest)}"
+            task = task_name("layer", hex_of(digest))
             ok, why = states[task]
             oks.append(ok)
             if self._omit(task, ok):
@@ -385,7 +395,8 @@ class Tasks:
             if self.explain:
                 row["meta"] = {"status": why, "digest": digest, "diff_id": first.diff_id,
                                "size": first.size, "media_type": first.media_type,
-                               "images": entry.images[:20], "folders": self.layer_dirs[digest]}
+                               "images": entry.images[:20],
+                               "folders": self._layer_dirs(digest, repos)}
             rows.append(row)
         yield from doit_private.tasks_of("layer", self._group(GROUPS["layer"], oks), rows)
 
@@ -395,7 +406,7 @@ class Tasks:
         rows, oks = [], []
         for config, entry in sorted(plan.flats.items()):
             image, repos = entry.image, sorted(entry.repos)
-            task = f"flat:{hex_of(config)}"
+            task = task_name("flat", hex_of(config))
             ok, why = states[task]
             oks.append(ok)
             if self._omit(task, ok):
@@ -403,7 +414,8 @@ class Tasks:
             key = self._flat_key(entry)
             row = {"name": hex_of(config),
                    "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
-                   "task_dep": self._deps(f"layer:{hex_of(x.digest)}" for x in image.layers),
+                   "task_dep": self._deps(task_name("layer", hex_of(x.digest))
+                                          for x in image.layers),
                    "uptodate": self._uptodate(ok, why),
                    "setup": [self._txn(r) for r in repos],
                    "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
@@ -433,7 +445,7 @@ class Tasks:
                     "name": task.split(":", 1)[1],
                     "actions": [(actions.link_platform,
                                  [self.ctx, name, image.config_digest, repos])],
-                    "task_dep": self._deps([f"flat:{hex_of(image.config_digest)}"]),
+                    "task_dep": self._deps([task_name("flat", hex_of(image.config_digest))]),
                     "uptodate": self._uptodate(ok, why),
                     "setup": [self._txn(r) for r in repos],
                     "doc": f"{multiarch_name(image.arch, name)} -> "
@@ -463,9 +475,9 @@ class Tasks:
                 rows.append({"name": name, "actions": [(action, [self.ctx, reason])],
                              "meta": meta, "doc": "failed: " + reason, "verbosity": 2})
                 continue
-            ok, why = self.states[f"image:{name}"]
+            ok, why = self.states[task_name("image", name)]
             oks.append(ok)
-            if self._omit(f"image:{name}", ok and name not in self.busy_images):
+            if self._omit(task_name("image", name), ok and name not in self.busy_images):
                 continue
             _, targets = self._image_checks(name, items)
             row = {"name": name,
@@ -496,7 +508,7 @@ class Tasks:
 
     def _repo_images(self, repo: str) -> list[str]:
         """The images of ``repo`` that publish and gc wait for."""
-        return [f"image:{name}" for name, items in self.by_name.items()
+        return [task_name("image", name) for name, items in self.by_name.items()
                 if name in self.busy_images and any(i.repo == repo for i in items)]
 
     def task_publish(self):
@@ -521,11 +533,11 @@ class Tasks:
             if not any(i.recipe.output_format for i in items):
                 continue
             targets, key = thin_targets(items)
-            ok, why = self.states[f"thin:{name}"]
+            ok, why = self.states[task_name("thin", name)]
             oks.append(ok)
-            if self._omit(f"thin:{name}", ok and name not in self.busy_images):
+            if self._omit(task_name("thin", name), ok and name not in self.busy_images):
                 continue
-            image = [f"image:{name}"] if name in self.busy_images else []
+            image = [task_name("image", name)] if name in self.busy_images else []
             rows.append({"name": name,
                          "actions": [(actions.push_thin, [self.ctx, name, targets, key])],
                          "task_dep": sorted({f"publish:{i.repo}" for i in items}) + image,
