@@ -63,6 +63,10 @@ def test_a_worker_reads_and_writes_the_cache_key_by_key(tmp_path):
     assert whole.tags("reg/b") is None
     again = State(tmp_path)
     assert again.tags("reg/b") == ["2"] and again.failure("reg/c") is None
+    # the run's own writes after the worker's first read (its resolve) reach the worker
+    again.put_resolved(_resolved("reg/e:1", "sha256:" + "e" * 64))
+    assert single.resolved("reg/e:1") == _resolved("reg/e:1", "sha256:" + "e" * 64)
+    assert isinstance(single._reader, ReadOnlyCache), "read on a plain connection"
 
 
 def _resolved(name: str, digest: str):

@@ -28,12 +28,14 @@ VERSION = 2          # of the values below; older values are ignored (resolved a
 class ReadOnlyCache:
     """``get`` on a diskcache folder without writing anything."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, snapshot: bool = True):
         path = folder / "cache.db"
         try:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             self.db.execute("SELECT 1 FROM Cache LIMIT 1")
         except sqlite3.OperationalError:
+            if not snapshot:        # the reader must see later writes
+                raise
             # a WAL database on read-only storage: read it as immutable (a listing's moment)
             self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         settings = dict(self.db.execute("SELECT key, value FROM Settings"))
@@ -113,8 +115,11 @@ class State:
         self._memo: dict | None = None
         self._parsed: dict[str, Resolved] = {}
         self._lock = threading.Lock()
+        self._reader: ReadOnlyCache | None = None
 
     def close(self) -> None:
+        if self._reader is not None and self._reader is not self.cache:
+            self._reader.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -147,12 +152,28 @@ class State:
     def _get(self, key: str):
         if self.whole:
             return self._entries().get(key)
-        if self.cache is None:
+        reader = self._key_reader()
+        if reader is None:
             return None
         try:
-            return self.cache.get(key)
+            return reader.get(key)
         except (OSError, sqlite3.Error, ValueError, EOFError):
             return None                 # unreadable: absent (resolved again next run)
+
+    def _key_reader(self) -> ReadOnlyCache | None:
+        """A worker's reads: a plain read-only connection, opened at its first question (after
+        the resolve). diskcache's own maps 64 MiB of the file and caches up to 32 MiB of pages,
+        tuned for a heavy reader; a worker asks for a few keys an action (at ten thousand
+        images each worker held 22 MiB of the file)."""
+        if self._reader is None and self.cache is not None:
+            if isinstance(self.cache, ReadOnlyCache):
+                self._reader = self.cache
+            else:
+                try:
+                    self._reader = ReadOnlyCache(self.folder, snapshot=False)
+                except (sqlite3.Error, KeyError):
+                    return None
+        return self._reader
 
     def _set(self, key: str, value) -> None:
         if not self.writable:
