@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import multiprocessing
 import os
 import pickle
@@ -28,6 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .context import Context
+
+
+# What the actions import, imported before the fork: one copy in memory for every process
+# of the run instead of one each (the run's resolve needs the registry client anyway)
+PRELOAD = ("unpacked.registry.client", "unpacked.image.convert", "unpacked.image.thin")
 
 
 class WorkerDied(RuntimeError):
@@ -50,6 +56,8 @@ class Workers:
         self.free: queue.Queue[tuple[multiprocessing.Process, Connection]] = queue.Queue()
         self.processes: list[multiprocessing.Process] = []
         ours: list[Connection] = []
+        for module in PRELOAD:
+            importlib.import_module(module)
         for number in range(count):
             mine, theirs = fork.Pipe()
             ours.append(mine)
