@@ -90,14 +90,17 @@ ROWS = [
 
 
 def _comparable(task) -> dict:
-    """Every attribute doit's Task has, read as doit reads it (a tuple or frozenset where
-    doit keeps a list or set compares as one)."""
+    """Every attribute doit's Task has, with its type; the empty containers our tasks share
+    (``_NONE``: tuples and a frozenset, which doit only reads) compare as doit's own."""
     from doit.task import Task
     attrs = {}
     for name in vars(Task("prototype", None)):
         value = getattr(task, name)
-        attrs[name] = list(value) if isinstance(value, tuple) and name != "io" else value
-    attrs["io"] = vars(attrs["io"])
+        if name in doit_private._NONE and value is not None:
+            assert value == doit_private._NONE[name] or value == [] or value == set(), name
+            value = "empty"
+        attrs[name] = (type(value), value)
+    attrs["io"] = vars(task.io)
     return attrs
 
 
@@ -120,8 +123,14 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
         # and as doit's process runner sends it to a worker (-P process)
         sent = pickle.loads(pickle.dumps(ours[name]))
         assert _comparable(sent) == _comparable(theirs[name]) | {
-            "uptodate": None, "value_savers": None, "_action_instances": None}, name
+            "uptodate": (type(None), None), "value_savers": (type(None), None),
+            "_action_instances": (type(None), None)}, name
         assert sent.pickle_safe_dict().keys() == theirs[name].pickle_safe_dict().keys()
+        # doit strace adds to a task's uptodate: one task's, never another's
+        ours[name]._extend_uptodate([False])
+        assert ours[name].uptodate[-1] == (False, None, None)
+    assert [len(t.uptodate) for t in ours.values()] == [len(r.get("uptodate", ())) + 1
+                                                       for r in [{"uptodate": [False]}, *ROWS]]
 
 
 def test_the_command_line_is_read_as_doit_reads_it():

@@ -4,6 +4,7 @@ layout, pinned here to the diskcache versions pyproject allows)."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def test_a_worker_reads_and_writes_the_cache_key_by_key(tmp_path):
     again.put_resolved(_resolved("reg/e:1", "sha256:" + "e" * 64))
     assert single.resolved("reg/e:1") == _resolved("reg/e:1", "sha256:" + "e" * 64)
     assert isinstance(single._reader, ReadOnlyCache), "read on a plain connection"
+    seen = []                       # ... which answers any thread of the worker
+    reader = threading.Thread(target=lambda: seen.append(single.resolved("reg/e:1")))
+    reader.start()
+    reader.join()
+    assert seen == [_resolved("reg/e:1", "sha256:" + "e" * 64)]
 
 
 def _resolved(name: str, digest: str):

@@ -144,17 +144,14 @@ class LeanTask(Task):
             setattr(self, name, value)
 
 
-_UPTODATE = {True: ((True, None, None),), False: ((False, None, None),)}
+_UPTODATE = {True: (True, None, None), False: (False, None, None)}
 
 
-def _uptodate(items) -> tuple:
-    """doit's own normal form of ``uptodate`` (``Task._init_uptodate``); the common
-    ``[True]`` and ``[False]`` shared."""
-    items = tuple(items)
-    if len(items) == 1 and type(items[0]) is bool:
-        return _UPTODATE[items[0]]
-    return tuple((item, None, None) if isinstance(item, bool) or item is None
-                 else (item, [], {}) for item in items)
+def _uptodate(items) -> list:
+    """doit's own normal form of ``uptodate`` (``Task._init_uptodate``), its own list (``doit
+    strace`` extends it); the common entries ``True`` and ``False`` shared."""
+    return [_UPTODATE[item] if type(item) is bool else
+            (item, None, None) if item is None else (item, [], {}) for item in items]
 
 
 def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool = False):

@@ -30,14 +30,16 @@ class ReadOnlyCache:
 
     def __init__(self, folder: Path, snapshot: bool = True):
         path = folder / "cache.db"
+        self._lock = threading.Lock()       # one connection, asked from any thread
         try:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             self.db.execute("SELECT 1 FROM Cache LIMIT 1")
         except sqlite3.OperationalError:
             if not snapshot:        # the reader must see later writes
                 raise
             # a WAL database on read-only storage: read it as immutable (a listing's moment)
-            self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True,
+                                      check_same_thread=False)
         settings = dict(self.db.execute("SELECT key, value FROM Settings"))
         self.disk = diskcache.Disk(str(folder), min_file_size=settings["disk_min_file_size"],
                                    pickle_protocol=settings["disk_pickle_protocol"])
@@ -45,8 +47,9 @@ class ReadOnlyCache:
     def get(self, key, default=None):
         db_key, raw = self.disk.put(key)
         try:
-            row = self.db.execute("SELECT mode, filename, value, expire_time FROM Cache "
-                                  "WHERE key = ? AND raw = ?", (db_key, raw)).fetchone()
+            with self._lock:
+                row = self.db.execute("SELECT mode, filename, value, expire_time FROM Cache "
+                                      "WHERE key = ? AND raw = ?", (db_key, raw)).fetchone()
         except sqlite3.Error:
             return default
         if row is None or (row[3] is not None and row[3] < time.time()):
@@ -64,8 +67,10 @@ class ReadOnlyCache:
         state several times: ten thousand single reads cost seconds)."""
         out = {}
         now = time.time()
-        for key, mode, filename, value, expire in self.db.execute(
-                "SELECT key, mode, filename, value, expire_time FROM Cache WHERE raw = 1"):
+        with self._lock:
+            rows = self.db.execute("SELECT key, mode, filename, value, expire_time FROM Cache "
+                                   "WHERE raw = 1").fetchall()
+        for key, mode, filename, value, expire in rows:
             if not isinstance(key, str) or (expire is not None and expire < now):
                 continue
             try:
