@@ -67,16 +67,15 @@ class ReadOnlyCache:
         state several times: ten thousand single reads cost seconds)."""
         out = {}
         now = time.time()
-        with self._lock:
-            rows = self.db.execute("SELECT key, mode, filename, value, expire_time FROM Cache "
-                                   "WHERE raw = 1").fetchall()
-        for key, mode, filename, value, expire in rows:
-            if not isinstance(key, str) or (expire is not None and expire < now):
-                continue
-            try:
-                out[key] = self.disk.fetch(mode, filename, value, False)
-            except (OSError, ValueError, EOFError):
-                continue
+        with self._lock:                # row by row: never every raw value at once
+            for key, mode, filename, value, expire in self.db.execute(
+                    "SELECT key, mode, filename, value, expire_time FROM Cache WHERE raw = 1"):
+                if not isinstance(key, str) or (expire is not None and expire < now):
+                    continue
+                try:
+                    out[key] = self.disk.fetch(mode, filename, value, False)
+                except (OSError, ValueError, EOFError):
+                    continue
         return out
 
     def close(self) -> None:
