@@ -112,8 +112,15 @@ NOT_CAPTURED = {"capture": False}
 # clears it), creator_params a list (doit adds a list to it).
 _NONE = {"file_dep": frozenset(), "wild_dep": (), "targets": (), "value_savers": (),
          "clean_actions": (), "teardown": ()}
-_ATTRS: tuple[str, ...] = tuple(vars(Task("prototype", None)))
-_PROTO: dict | None = None
+_PROTO = dict(vars(Task("prototype", None, io=NOT_CAPTURED)), **_NONE)
+_ATTRS = tuple(_PROTO)
+
+
+def task_name(kind: str, key: str) -> str:
+    """``kind:key`` as one string object however often it is named (a task's name, its
+    state, and the deps of every task that waits for it: fifty thousand tasks a run at ten
+    thousand images)."""
+    return intern(f"{kind}:{key}")
 
 
 class LeanTask(Task):
@@ -160,12 +167,9 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
     of thousands of tasks are made per run, and doit's constructor checks the type of every
     attribute of each. Our rows are ours; a test pins the equality to doit's."""
     from doit.task import first_line
-    global _PROTO
     unknown = set(row) - ROW_KEYS
     if unknown:
         raise ValueError(f"task {name}: unknown keys {sorted(unknown)}")
-    if _PROTO is None:
-        _PROTO = dict(vars(Task("prototype", None, io=NOT_CAPTURED)), **_NONE)
     made = LeanTask.__new__(LeanTask)
     attrs = dict(_PROTO)
     attrs.update(name=name, _actions=list(row.get("actions") or ()),
@@ -181,8 +185,7 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
 def tasks_of(basename: str, group: dict, rows: list[dict]):
     """The group task ``basename`` and its subtasks ``basename:<row name>``, from the rows a
     generator would have yielded to doit (what doit's loader makes of them)."""
-    # one string per task name, shared with the tasks that name it in their deps
-    subtasks = [task(intern(f"{basename}:{row['name']}"), row, subtask_of=basename)
+    subtasks = [task(task_name(basename, row["name"]), row, subtask_of=basename)
                 for row in rows]
     yield task(basename, {"task_dep": [t.name for t in subtasks],
                           "uptodate": group.get("uptodate", ()), "doc": group.get("doc")},

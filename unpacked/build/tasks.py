@@ -16,20 +16,13 @@ import hashlib
 import json
 import os
 from functools import cached_property
-from sys import intern
 
 from ..log import count
 from ..repo.layout import FLAT, LAYERS, METADATA, hex_of, public_target
 from . import actions, doit_private
 from .context import Context
-from .plan import FlatPlan, ImagePlan, multiarch_name, public_link, thin_targets
-
-
-def task_name(kind: str, key: str) -> str:
-    """``kind:key`` as one string object however often it is named (a task's name, its
-    state, and the deps of every task that waits for it: fifty thousand tasks a run at ten
-    thousand images)."""
-    return intern(f"{kind}:{key}")
+from .doit_private import task_name
+from .plan import FlatPlan, ImagePlan, LayerPlan, multiarch_name, public_link, thin_targets
 
 
 class Status:
@@ -271,8 +264,7 @@ class Tasks:
         states: dict[str, tuple[bool, str]] = {}
         for digest, entry in plan.layers.items():
             task = task_name("layer", hex_of(digest))
-            states[task] = layer_status(recorded.get(task, {}), digest,
-                                        self._layer_dirs(digest, entry.repos))
+            states[task] = layer_status(recorded.get(task, {}), digest, self._layer_dirs(entry))
         for config, entry in plan.flats.items():
             task = task_name("flat", hex_of(config))
             states[task] = flat_status(recorded.get(task, {}), self._flat_key(entry),
@@ -291,8 +283,9 @@ class Tasks:
             states.setdefault(task_name("image", name), (False, "not converted"))
         return states
 
-    def _layer_dirs(self, digest: str, repos) -> list[str]:
-        return [os.path.join(self._root(r), LAYERS, hex_of(digest)) for r in sorted(repos)]
+    def _layer_dirs(self, entry: LayerPlan) -> list[str]:
+        return [os.path.join(self._root(r), LAYERS, hex_of(entry.digest))
+                for r in sorted(entry.repos)]
 
     def _flat_key(self, entry: FlatPlan) -> str:
         """What a flat image is built from: its layers, the flatten mode, the sandbox."""
@@ -396,7 +389,7 @@ class Tasks:
                 row["meta"] = {"status": why, "digest": digest, "diff_id": first.diff_id,
                                "size": first.size, "media_type": first.media_type,
                                "images": entry.images[:20],
-                               "folders": self._layer_dirs(digest, repos)}
+                               "folders": self._layer_dirs(entry)}
             rows.append(row)
         yield from doit_private.tasks_of("layer", self._group(GROUPS["layer"], oks), rows)
 
