@@ -6,6 +6,7 @@ loudly (and the allowed range in pyproject must not be widened before they pass 
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import sqlite3
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import doit
+import pytest
 
 from unpacked.build import doit_private
 
@@ -180,3 +182,145 @@ def test_tasks_run_in_threads_leave_the_runs_streams_as_they_were(tmp_path):
     assert code == 0
     assert after[0] is before[0] and after[1] is before[1]
     assert doit_private.recorded_values(tmp_path / "doit.sqlite")["nap:59"] == {"digest": "59"}
+
+
+# -- a lean run: doit keeps nothing of a task once it is done ---------------------------------
+
+def _step(log: str, name: str, ok: bool = True):
+    """An action: note its task ran, then succeed (with values) or fail."""
+    with open(log, "a") as out:
+        out.write(name + "\n")
+    return {"digest": name, "set": "mine"} if ok else False
+
+
+def _graph(log: str):
+    """A run's shape in small: a transaction as the setup task of what is due, layers, a
+    failing layer and everything above it, an up-to-date task, a publish at the top."""
+    def row(kind, name, deps=(), ok=True, due=True):
+        return {"name": name, "actions": [(_step, [log, f"{kind}:{name}", ok])],
+                "task_dep": list(deps), "uptodate": [not due],
+                "setup": ["txn"] if due else [], "meta": {"images": []}}
+
+    def task_txn():
+        yield doit_private.task("txn", {"actions": [(_step, [log, "txn"])], "uptodate": [False]})
+
+    def task_layer():
+        yield from doit_private.tasks_of("layer", {"doc": "layers"}, [
+            row("layer", "a"), row("layer", "b"), row("layer", "bad", ok=False),
+            row("layer", "old", due=False)])
+
+    def task_flat():
+        yield from doit_private.tasks_of("flat", {"doc": "flats"}, [
+            row("flat", "x", ["layer:a", "layer:b", "layer:old"]),
+            row("flat", "y", ["layer:a", "layer:bad"])])
+
+    def task_image():
+        yield from doit_private.tasks_of("image", {"doc": "images"}, [
+            row("image", "x", ["flat:x"]), row("image", "y", ["flat:y"]),
+            row("image", "same", ["layer:old"], due=False)])
+
+    def task_publish():
+        yield doit_private.task("publish", {
+            "actions": [(_step, [log, "publish"])], "uptodate": [False],
+            "task_dep": ["image:x", "image:y", "image:same"]})
+
+    return {"task_txn": task_txn, "task_layer": task_layer, "task_flat": task_flat,
+            "task_image": task_image, "task_publish": task_publish}
+
+
+class _Seen:
+    """A reporter that notes how each task ended."""
+
+    def __init__(self):
+        self.ended: dict[str, str] = {}
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def add_success(self, task):
+        self.ended[task.name] = "success"
+
+    def add_failure(self, task, fail):
+        self.ended[task.name] = type(fail).__name__
+
+    def skip_uptodate(self, task):
+        self.ended[task.name] = "up-to-date"
+
+
+def _run(tmp_path, label: str, jobs: int):
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+    log, seen = tmp_path / f"{label}.log", _Seen()
+    config = {"backend": "sqlite3", "dep_file": str(tmp_path / f"{label}.sqlite"),
+              "num_process": jobs, "par_type": "thread", "continue": True, "reporter": seen,
+              "default_tasks": ["publish"]}
+    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **_graph(str(log))}),
+                    config_filenames=()).run([])
+    with sqlite3.connect(tmp_path / f"{label}.sqlite") as db:
+        rows = {name: json.loads(data) for name, data in db.execute("select * from doit")}
+    return code, seen.ended, log.read_text().split(), rows
+
+
+@pytest.mark.parametrize("jobs", [0, 2])
+def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path, monkeypatch,
+                                                                      jobs):
+    import doit.control
+    from doit.dependency import Dependency
+    made: list = []
+
+    class Watched(doit_private.LeanDispatcher):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    code, ended, ran, rows = _run(tmp_path, "doit", jobs)
+    monkeypatch.setattr(doit.control, "TaskDispatcher", doit.control.TaskDispatcher)
+    monkeypatch.setattr(Dependency, "save_success", Dependency.save_success)
+    doit_private.lean_run()
+    assert doit.control.TaskDispatcher is doit_private.LeanDispatcher
+    doit_private.lean_run()             # twice: still one wrapper
+    assert not getattr(Dependency.save_success.__closure__[0].cell_contents, "lean", False)
+    monkeypatch.setattr(doit.control, "TaskDispatcher", Watched)
+    lean = _run(tmp_path, "lean", jobs)
+
+    assert code == 2 and ended["flat:y"] == "UnmetDependency" and ended["layer:bad"] \
+        == "TaskFailed" and ended["layer:old"] == "up-to-date" and ran.count("txn") == 1
+    assert lean[:2] == (code, ended)
+    assert sorted(lean[2]) == sorted(ran)   # doit's own order follows its sets' (by id)
+    # the same values recorded; doit's copy of them under result: is left out
+    assert {n: r["_values_:"] for n, r in lean[3].items()} == \
+        {n: r["_values_:"] for n, r in rows.items()}
+    assert "result:" in rows["layer:a"] and "result:" not in lean[3]["layer:a"]
+    # and nothing kept of a task done but its name, values and state
+    (dispatcher,) = made
+    assert set(dispatcher.nodes) == set(ended)
+    for name, node in dispatcher.nodes.items():
+        assert node.run_status in ("successful", "failure", "up-to-date"), name
+        assert node.generator is None and node.waiting_me is doit_private._SPENT, name
+        assert node.ancestors == () and node.bad_deps == () and not node.wait_run, name
+        task = node.task
+        assert task._action_instances is None and task.task_dep == () and task.meta is None
+        assert pickle.loads(pickle.dumps(task)).name == name   # -P process sends tasks
+        assert task.name == name
+        if ended[name] == "success":
+            assert task.values == {"digest": name, "set": "mine"}
+
+
+def test_a_lean_node_starts_as_doits_own_does():
+    """Attribute by attribute, with the one empty set for what only calc_dep fills."""
+    from doit.control import ExecNode
+    top = doit_private.task("top", {"task_dep": ["a", "b"], "uptodate": [False]})
+    child = doit_private.task("a", {"uptodate": [False]})
+    for task, parent in ((top, None), (child, ExecNode(top, None))):
+        ours, theirs = doit_private.LeanNode(task, parent), ExecNode(task, parent)
+        assert vars(ours).keys() == vars(theirs).keys()
+        assert vars(ours) == vars(theirs)
+        assert ours.calc_dep is doit_private._NO_CALC and ours.wait_run is not theirs.wait_run
+    other = doit_private.LeanNode(child, None)
+    assert other.wait_run is not ExecNode(child, None).wait_run and other.waiting_me == set()
+    assert doit_private.LeanNode(child, None).wait_run is not other.wait_run
+    calc = doit_private.task("c", {"uptodate": [False]})
+    calc.calc_dep = {"x"}
+    node = doit_private.LeanNode(calc, None)
+    assert node.calc_dep == {"x"} and node.calc_dep is not calc.calc_dep
+    assert node.wait_run_calc is not doit_private._NO_CALC

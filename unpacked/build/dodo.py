@@ -63,6 +63,7 @@ def load(argv: list[str] | None = None) -> dict:
         full = command == "run" and not call.tasks and "recipes" not in variables
         if command == "run":
             session = Session(ctx, full, jobs=jobs_of(call, settings))
+            session.exit_at_once = True     # the command line's one run of this process
             session.start()
         listing = command == "list" and not call.tasks and \
             not (options.get("subtasks") or options.get("private"))
@@ -128,6 +129,7 @@ def doit_config(ctx: Context, session: Session | None) -> dict:
     }
     if session is not None:
         config["reporter"] = Reporter(session)
+        doit_private.lean_run()
     return config
 
 
