@@ -423,3 +423,54 @@ def test_doit_from_the_project_needs_no_settings(tmp_path):
                           text=True, env={**os.environ, "UNPACKED_CACHE": str(tmp_path)},
                           timeout=60)
     assert done.returncode == 0 and "publish" in done.stdout, done.stderr
+
+
+def test_a_run_that_leaves_at_once_says_and_writes_everything_first(tmp_path):
+    """``doit`` from the command line ends without the interpreter's teardown (``leave``):
+    its exit code, what it printed and logged, all still there; atexit work is not done."""
+    import sys
+    log = tmp_path / "run.log"
+    script = f"""
+import atexit, logging, sys
+from unpacked.build.session import leave
+logging.basicConfig(filename={str(log)!r}, level=logging.INFO)
+logging.getLogger("unpacked").info("logged before the end")
+atexit.register(lambda: open({str(tmp_path / 'teardown')!r}, 'w').close())
+sys.stdout.write("the summary\\n" * 2000)
+sys.stderr.write("a warning")
+leave(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "the summary\n" * 2000 and done.stderr == "a warning"
+    assert "logged before the end" in log.read_text()
+    assert not (tmp_path / "teardown").exists()
+
+
+def test_what_breaks_doits_runner_fails_the_run_and_says_what(tmp_path, capsys):
+    """doit ends its run in a ``finally`` (it calls our reporter's ``complete_run``); an
+    error that broke its runner (a task it could not send to its process workers) must not
+    end as exit code 0 with nothing said, as it did."""
+    import json
+
+    from unpacked.build.context import Context
+    from unpacked.build.reporter import Reporter
+    from unpacked.build.session import Session
+    from unpacked.recipe import RecipeSet
+    from unpacked.settings import load
+    settings = load({"cache": str(tmp_path / "cache"), "root": str(tmp_path / "cvmfs"),
+                     "recipes": str(tmp_path / "r")}, environ={}, project=tmp_path)
+    settings.cache_dir.mkdir(parents=True)
+    reporter = Reporter(Session(Context(settings, RecipeSet([], [], [])), full=False))
+    with pytest.raises(SystemExit) as ended:
+        try:
+            raise TypeError("cannot pickle 'mappingproxy' object")
+        finally:
+            reporter.complete_run()
+    assert ended.value.code == 3
+    err = capsys.readouterr().err
+    assert "the run broke: TypeError: cannot pickle 'mappingproxy' object" in err
+    assert "Traceback" in err           # a bug of ours: its traceback, for the report
+    run = json.loads((settings.cache_dir / "status.json").read_text())["last_limited_run"]
+    assert run["exit_code"] == 3 and any("the run broke" in e for e in run["errors"])

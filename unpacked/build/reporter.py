@@ -13,13 +13,14 @@ import logging
 import sqlite3
 import sys
 import time
+import traceback
 
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from .. import log as logs
 from ..errors import EXIT_FAILED, EXIT_SETUP, environmental, from_os
-from .session import Session
+from .session import Session, leave
 
 log = logging.getLogger(__name__)
 SHOWN = 20           # names listed per kind in a summary, then a count
@@ -130,6 +131,10 @@ class Reporter(ConsoleReporter):
 
     def complete_run(self):
         session = self.session
+        broke = sys.exc_info()[1]       # doit calls this in a finally: what broke its runner
+        if broke is not None and not isinstance(broke, KeyboardInterrupt):
+            traceback.print_exception(broke)
+            self.runtime_errors.append(f"the run broke: {type(broke).__name__}: {broke}")
         try:
             published, errors = session.close_transactions()
             self.published |= published
@@ -141,6 +146,9 @@ class Reporter(ConsoleReporter):
         self._summary()
         code = self._exit_code()
         session.report(self.record(code))
+        if session.exit_at_once:
+            self.outstream.flush()
+            leave(code)
         raise SystemExit(code)
 
     def _finish(self) -> None:
@@ -172,7 +180,7 @@ class Reporter(ConsoleReporter):
                 "thin_failures": dict(sorted(self.thin_failed.items())),
                 "gone": dict(sorted(self.gone.items())),
                 "errors": self.session.ctx.recipes.problems + self.other_failures
-                + self.gc["errors"] + self.gc_blocked}
+                + self.gc["errors"] + self.gc_blocked + self.runtime_errors}
 
     def _exit_code(self) -> int:
         if self.session.worker_died:
