@@ -287,6 +287,10 @@ def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path
         == "TaskFailed" and ended["layer:old"] == "up-to-date" and ran.count("txn") == 1
     assert lean[:2] == (code, ended)
     assert sorted(lean[2]) == sorted(ran)   # doit's own order follows its sets' (by id)
+    before = {"txn": [], "layer:a": ["txn"], "layer:b": ["txn"], "flat:x": ["layer:a", "layer:b"],
+              "image:x": ["flat:x"]}
+    for name, deps in before.items():       # and never before what it waits for
+        assert all(lean[2].index(dep) < lean[2].index(name) for dep in deps), name
     # the same values recorded; doit's copy of them under result: is left out
     assert {n: r["_values_:"] for n, r in lean[3].items()} == \
         {n: r["_values_:"] for n, r in rows.items()}
@@ -324,3 +328,45 @@ def test_a_lean_node_starts_as_doits_own_does():
     node = doit_private.LeanNode(calc, None)
     assert node.calc_dep == {"x"} and node.calc_dep is not calc.calc_dep
     assert node.wait_run_calc is not doit_private._NO_CALC
+
+
+def _calc_found() -> dict:
+    return {"task_dep": []}
+
+
+def test_a_lean_run_of_a_task_loaded_late_with_calc_deps(tmp_path, monkeypatch):
+    """A placeholder node (doit's ``create_after``) whose loaded task has calc deps gets sets
+    of its own: the one shared empty set stays empty (else every node would wait on it)."""
+    import doit.control
+    from doit import create_after
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.dependency import Dependency
+    from doit.doit_cmd import DoitMain
+    monkeypatch.setattr(doit.control, "TaskDispatcher", doit.control.TaskDispatcher)
+    monkeypatch.setattr(Dependency, "save_success", Dependency.save_success)
+    doit_private.lean_run()
+    log = str(tmp_path / "ran.log")
+
+    def task_setup():
+        return {"actions": [(_step, [log, "setup"])], "uptodate": [False]}
+
+    def task_calc():
+        return {"actions": [_calc_found], "uptodate": [False]}
+
+    @create_after(executed="setup")
+    def task_late():
+        return {"actions": [(_step, [log, "late"])], "calc_dep": ["calc"], "uptodate": [False]}
+
+    def task_other():
+        for i in range(3):
+            yield {"name": str(i), "actions": [(_step, [log, f"other:{i}"])],
+                   "task_dep": ["setup"], "uptodate": [False]}
+
+    config = {"backend": "sqlite3", "dep_file": str(tmp_path / "doit.sqlite"),
+              "default_tasks": ["late", "other"]}
+    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, "task_setup": task_setup,
+                                      "task_calc": task_calc, "task_late": task_late,
+                                      "task_other": task_other}), config_filenames=()).run([])
+    assert code == 0 and not doit_private._NO_CALC
+    assert sorted(Path(log).read_text().split()) == ["late", "other:0", "other:1", "other:2",
+                                                     "setup"]

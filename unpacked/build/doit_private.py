@@ -241,6 +241,12 @@ class LeanNode(ExecNode):
         self.bad_deps, self.ignored_deps = [], []
         self.generator = None
 
+    def reset_task(self, task, generator):
+        """A task doit loaded late (``create_after``) replaces its placeholder: the node
+        gets sets of its own, as doit's would (the loaded task may have calc deps)."""
+        super().reset_task(task, generator)
+        self.wait_run_calc = set()
+
     def step(self):
         got = super().step()
         if got is None:             # its generator is spent: the task was handed out

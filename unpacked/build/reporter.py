@@ -9,6 +9,7 @@ every line timestamped), a line per task for a person.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import sys
@@ -20,7 +21,7 @@ from doit.reporter import ConsoleReporter
 
 from .. import log as logs
 from ..errors import EXIT_FAILED, EXIT_SETUP, environmental, from_os
-from .session import Session, leave
+from .session import Interrupted, Session, leave
 
 log = logging.getLogger(__name__)
 SHOWN = 20           # names listed per kind in a summary, then a count
@@ -132,7 +133,7 @@ class Reporter(ConsoleReporter):
     def complete_run(self):
         session = self.session
         broke = sys.exc_info()[1]       # doit calls this in a finally: what broke its runner
-        if broke is not None and not isinstance(broke, KeyboardInterrupt):
+        if broke is not None and not isinstance(broke, Interrupted):    # that one: a signal
             traceback.print_exception(broke)
             self.runtime_errors.append(f"the run broke: {type(broke).__name__}: {broke}")
         try:
@@ -147,7 +148,8 @@ class Reporter(ConsoleReporter):
         code = self._exit_code()
         session.report(self.record(code))
         if session.exit_at_once:
-            self.outstream.flush()
+            with contextlib.suppress(OSError, ValueError):     # a reader gone: said is said
+                self.outstream.flush()
             leave(code)
         raise SystemExit(code)
 
