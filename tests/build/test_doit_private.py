@@ -261,9 +261,19 @@ def _run(tmp_path, label: str, jobs: int):
     return code, seen.ended, log.read_text().split(), rows
 
 
+@pytest.fixture
+def lean_run(monkeypatch):
+    """``doit_private.lean_run`` for this test only: doit's own classes back afterwards."""
+    import doit.control
+    from doit.dependency import Dependency
+    monkeypatch.setattr(doit.control, "TaskDispatcher", doit.control.TaskDispatcher)
+    monkeypatch.setattr(Dependency, "save_success", Dependency.save_success)
+    return doit_private.lean_run
+
+
 @pytest.mark.parametrize("jobs", [0, 2])
 def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path, monkeypatch,
-                                                                      jobs):
+                                                                      lean_run, jobs):
     import doit.control
     from doit.dependency import Dependency
     made: list = []
@@ -274,9 +284,7 @@ def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path
             made.append(self)
 
     code, ended, ran, rows = _run(tmp_path, "doit", jobs)
-    monkeypatch.setattr(doit.control, "TaskDispatcher", doit.control.TaskDispatcher)
-    monkeypatch.setattr(Dependency, "save_success", Dependency.save_success)
-    doit_private.lean_run()
+    lean_run()
     assert doit.control.TaskDispatcher is doit_private.LeanDispatcher
     doit_private.lean_run()             # twice: still one wrapper
     assert not getattr(Dependency.save_success.__closure__[0].cell_contents, "lean", False)
@@ -334,17 +342,13 @@ def _calc_found() -> dict:
     return {"task_dep": []}
 
 
-def test_a_lean_run_of_a_task_loaded_late_with_calc_deps(tmp_path, monkeypatch):
+def test_a_lean_run_of_a_task_loaded_late_with_calc_deps(tmp_path, lean_run):
     """A placeholder node (doit's ``create_after``) whose loaded task has calc deps gets sets
     of its own: the one shared empty set stays empty (else every node would wait on it)."""
-    import doit.control
     from doit import create_after
     from doit.cmd_base import ModuleTaskLoader
-    from doit.dependency import Dependency
     from doit.doit_cmd import DoitMain
-    monkeypatch.setattr(doit.control, "TaskDispatcher", doit.control.TaskDispatcher)
-    monkeypatch.setattr(Dependency, "save_success", Dependency.save_success)
-    doit_private.lean_run()
+    lean_run()
     log = str(tmp_path / "ran.log")
 
     def task_setup():

@@ -209,7 +209,7 @@ def tasks_of(basename: str, group: dict, rows: list[dict]):
 # reads them; the record saves them). Measured on a 3,000-image cold convert: the main
 # process ended at 141 MiB, now 127, and stays flat after the walk.
 
-_SPENT = frozenset()      # one object: frozenset() makes a new one each time
+_SPENT = _NONE["file_dep"]     # the one empty frozenset (frozenset() makes a new one)
 _NO_CALC: set = set()
 _SPENT_TASK = {"_actions": (), "_action_instances": None, "task_dep": (), "setup_tasks": (),
                "calc_dep": _SPENT, "uptodate": (), "meta": None, "creator_params": (),
@@ -283,9 +283,8 @@ class LeanDispatcher(TaskDispatcher):
 def _save_success(save):
     def save_success(self, task, result_hash=None):
         save(self, task, result_hash)
-        record = getattr(self.backend, "_cache", {}).get(task.name)
-        if record is not None and record.get("result:") is not None \
-                and record["result:"] == record.get("_values_:"):
+        record = getattr(self.backend, "_cache", {}).get(task.name) or {}
+        if "result:" in record and record["result:"] == record.get("_values_:"):
             del record["result:"]
     save_success.lean = True
     return save_success

@@ -9,7 +9,6 @@ every line timestamped), a line per task for a person.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import sys
@@ -148,9 +147,7 @@ class Reporter(ConsoleReporter):
         code = self._exit_code()
         session.report(self.record(code))
         if session.exit_at_once:
-            with contextlib.suppress(OSError, ValueError):     # a reader gone: said is said
-                self.outstream.flush()
-            leave(code)
+            leave(code, self.outstream)
         raise SystemExit(code)
 
     def _finish(self) -> None:
