@@ -36,6 +36,16 @@ def _look(ctx, name: str) -> dict:
 
 
 @remote
+def _folder_names(ctx, digests: list[str]) -> tuple[int, int]:
+    """In a worker: the names of ``digests``; how many names it held before and after."""
+    from unpacked.repo.layout import hex_of
+    before = hex_of.cache_info().currsize
+    for digest in digests:
+        hex_of(digest)
+    return before, hex_of.cache_info().currsize
+
+
+@remote
 def _write(ctx, name: str, tags: list[str]) -> None:
     ctx.state.put_tags(name, tags)
 
@@ -77,6 +87,14 @@ def test_workers_hold_no_plan_and_read_what_the_run_wrote_after_they_started(poo
     assert State(ctx.settings.cache_dir).tags("reg/b") == ["2"], "a worker's write is kept"
     pids = {_look(ctx, "x")["pid"] for _ in range(6)}
     assert pids <= {p.pid for p in ctx.workers.processes}
+
+
+def test_a_worker_keeps_no_digest_names_from_one_action_to_the_next(pool):
+    """A worker names tens of thousands of digests in a large run, never the same twice."""
+    digests = [f"sha256:{i:064x}" for i in range(200)]
+    for _ in range(4):                      # each worker more than once
+        before, after = _folder_names(pool, digests)
+        assert before == 0 and after >= 200
 
 
 def test_an_action_that_breaks_in_a_worker_fails_with_its_traceback(pool):
