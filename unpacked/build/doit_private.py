@@ -110,10 +110,12 @@ ROW_KEYS = {"name", "actions", "task_dep", "uptodate", "setup", "doc", "meta", "
 NOT_CAPTURED = {"capture": False}
 # What a task of ours never has, one shared empty container each: doit only reads these
 # (it adds to them only for features our rows do not use: file deps, targets, wildcards,
-# result_dep, clean and teardown actions). calc_dep stays a set (the run's node copies and
-# clears it), creator_params a list (doit adds a list to it).
+# result_dep, clean and teardown actions). creator_params stays a list (doit adds a list to
+# it), calc_dep a set: doit's node copies it and clears the copy; it adds to a task's own
+# only from the results of its calc deps (ours have none), so one set serves every task.
 _NONE = {"file_dep": frozenset(), "wild_dep": (), "targets": (), "value_savers": (),
          "clean_actions": (), "teardown": ()}
+_NO_CALC: set = set()
 _PROTO = dict(vars(Task("prototype", None, io=NOT_CAPTURED)), **_NONE)
 _ATTRS = tuple(_PROTO)
 
@@ -179,7 +181,7 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
                  uptodate=_uptodate(row.get("uptodate", ())),
                  doc=first_line(row.get("doc")), meta=row.get("meta"),
                  verbosity=row.get("verbosity"), subtask_of=subtask_of, has_subtask=has_subtask,
-                 values={}, getargs={}, creator_params=[], calc_dep=set())
+                 values={}, getargs={}, creator_params=[], calc_dep=_NO_CALC)
     made.update_from_pickle(attrs)
     return made
 
@@ -209,7 +211,6 @@ def tasks_of(basename: str, group: dict, rows: list[dict]):
 # made as the run goes; 10,000 images: 344 -> 261 MiB.
 
 _SPENT = _NONE["file_dep"]     # the one empty frozenset (frozenset() makes a new one)
-_NO_CALC: set = set()
 _SPENT_TASK = {"_actions": (), "_action_instances": None, "task_dep": (), "setup_tasks": (),
                "calc_dep": _SPENT, "uptodate": (), "meta": None, "creator_params": (),
                "dep_changed": None, "result": None}     # all picklable (-P process sends it)
