@@ -122,6 +122,7 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
     assert sorted(theirs) == sorted(ours)
     for name in theirs:
         assert _comparable(ours[name]) == _comparable(theirs[name]), name
+        assert ours[name].calc_dep is doit_private._NO_CALC     # one set: nothing adds to it
         # and as doit's process runner sends it to a worker (-P process)
         sent = pickle.loads(pickle.dumps(ours[name]))
         assert _comparable(sent) == _comparable(theirs[name]) | {
@@ -303,6 +304,7 @@ def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path
     assert {n: r["_values_:"] for n, r in lean[3].items()} == \
         {n: r["_values_:"] for n, r in rows.items()}
     assert "result:" in rows["layer:a"] and "result:" not in lean[3]["layer:a"]
+    assert not doit_private._NO_CALC        # doit's own run and ours left the shared set empty
     # and nothing kept of a task done but its name, values and state
     (dispatcher,) = made
     assert set(dispatcher.nodes) == set(ended)
