@@ -378,44 +378,65 @@ def test_a_lean_run_of_a_task_loaded_late_with_calc_deps(tmp_path, lean_run):
                                                      "setup"]
 
 
-def _wide_graph(log: str, images: int) -> dict:
-    """``images`` images of one layer of their own and one shared, all due, and the
-    transaction every due task waits for."""
-    def rows(deps):
-        return [{"name": str(i), "actions": [(_count, [])], "task_dep": deps(i),
-                 "uptodate": [False], "setup": ["txn"]} for i in range(images)]
+def _wide_graph(log: str, images: int, base_seconds: float = 0) -> dict:
+    """``images`` images of one layer of their own and one shared (``layer:base``, taking
+    ``base_seconds``), all due, and the transaction every due task waits for."""
+    def rows(kind, deps):
+        return [{"name": str(i), "actions": [(_step, [log, f"{kind}:{i}"])],
+                 "task_dep": deps(i), "uptodate": [False], "setup": ["txn"]}
+                for i in range(images)]
 
     def task_txn():
-        yield doit_private.task("txn", {"actions": [(_open_slowly, [log])],
+        yield doit_private.task("txn", {"actions": [(_step, [log, "txn"])],
                                         "uptodate": [False]})
 
     def task_layer():
-        yield from doit_private.tasks_of("layer", {}, [*rows(lambda i: []), {
-            "name": "base", "actions": [(_count, [])], "uptodate": [False], "setup": ["txn"]}])
+        yield from doit_private.tasks_of("layer", {}, [*rows("layer", lambda i: []), {
+            "name": "base", "actions": [(_slowly, [log, base_seconds])], "uptodate": [False],
+            "setup": ["txn"]}])
 
     def task_flat():
-        yield from doit_private.tasks_of("flat", {}, rows(lambda i: [f"layer:{i}",
-                                                                     "layer:base"]))
+        yield from doit_private.tasks_of("flat", {}, rows("flat", lambda i: [
+            f"layer:{i}", "layer:base"]))
 
     def task_image():
-        yield from doit_private.tasks_of("image", {}, rows(lambda i: [f"flat:{i}"]))
+        yield from doit_private.tasks_of("image", {}, rows("image", lambda i: [f"flat:{i}"]))
 
     def task_publish():
-        yield doit_private.task("publish", {"actions": [(_count, [])], "uptodate": [False],
+        yield doit_private.task("publish", {"actions": [(_step, [log, "publish"])],
+                                            "uptodate": [False],
                                             "task_dep": [f"image:{i}" for i in range(images)]})
 
     return {"task_txn": task_txn, "task_layer": task_layer, "task_flat": task_flat,
             "task_image": task_image, "task_publish": task_publish}
 
 
+def _slowly(log: str, seconds: float) -> dict:
+    """A shared layer that takes its time."""
+    import time
+    _step(log, "base")
+    time.sleep(seconds)
+    return _step(log, "base-end")
+
+
+def _run_graph(tmp_path, label: str, jobs: int, graph: dict):
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+    seen = _Seen()
+    config = {"backend": "sqlite3", "dep_file": str(tmp_path / f"{label}.sqlite"),
+              "num_process": jobs, "par_type": "thread", "reporter": seen,
+              "default_tasks": ["publish"]}
+    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **graph}),
+                    config_filenames=()).run([])
+    return code, seen.ended
+
+
 def test_a_lean_run_walks_only_so_far_ahead_while_its_transaction_opens(tmp_path, monkeypatch,
                                                                        lean_run):
     """Everything due waits for the transaction's setup task: doit's own walk made every node
-    of the graph while it ran; the lean walk holds on after ``WALK_AHEAD`` waiting nodes, and
+    of the graph before it ran; the lean walk holds on after ``WALK_AHEAD`` waiting nodes, and
     then runs all of it as doit's own run does (threads), or never holds (serial)."""
     import doit.control
-    from doit.cmd_base import ModuleTaskLoader
-    from doit.doit_cmd import DoitMain
     images = 3 * doit_private.WALK_AHEAD
     total = 3 * images + 3
     log = tmp_path / "ran.log"
@@ -432,38 +453,30 @@ def test_a_lean_run_walks_only_so_far_ahead_while_its_transaction_opens(tmp_path
                 super()._update_waiting(processed)
         return Watched
 
-    def run(label, jobs):
-        seen = _Seen()
-        config = {"backend": "sqlite3", "dep_file": str(tmp_path / f"{label}.sqlite"),
-                  "num_process": jobs, "par_type": "thread", "reporter": seen,
-                  "default_tasks": ["publish"]}
-        code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **graph}),
-                        config_filenames=()).run([])
-        return code, seen.ended
-
     monkeypatch.setattr(doit.control, "TaskDispatcher", watched(doit.control.TaskDispatcher))
-    code, ended = run("doit", 2)
+    code, ended = _run_graph(tmp_path, "doit", 2, graph)
     assert code == 0 and len(ended) == total and at_txn_end == [total]   # doit's own walk
     lean_run()
     monkeypatch.setattr(doit.control, "TaskDispatcher", watched(doit_private.LeanDispatcher))
     for jobs in (2, 0):
         at_txn_end.clear()
-        assert run(f"lean{jobs}", jobs) == (code, ended), jobs
+        assert _run_graph(tmp_path, f"lean{jobs}", jobs, graph) == (code, ended), jobs
         (nodes,) = at_txn_end
         if jobs:    # the images (publish's deps, made at once) and the window's few
             assert images < nodes < images + 2 * doit_private.WALK_AHEAD
         else:       # serial: the transaction ran when first met, before anything waited
             assert images < nodes < images + 10
-    assert log.read_text().split() == ["txn"] * 3
+    assert log.read_text().split().count("txn") == 3
 
 
-def _open_slowly(log: str) -> None:
-    """The transaction's setup task: long enough for a walk that does not hold to finish."""
-    import time
-    with open(log, "a") as out:
-        out.write("txn\n")
-    time.sleep(0.5)
-
-
-def _count() -> dict:
-    return {"digest": "x"}
+def test_a_lean_run_never_holds_free_workers_back_from_runnable_work(tmp_path, lean_run):
+    """A slow layer every image shares, and more images waiting on it than ``WALK_AHEAD``:
+    the other thread runs every image's own layer meanwhile, as doit's own walk would."""
+    lean_run()
+    images = doit_private.WALK_AHEAD
+    log = tmp_path / "ran.log"
+    code, ended = _run_graph(tmp_path, "lean", 2, _wide_graph(str(log), images, 3.0))
+    assert code == 0 and len(ended) == 3 * images + 3
+    ran = log.read_text().split()
+    own = [n for n in ran[:ran.index("base-end")] if n.startswith("layer:")]
+    assert len(own) == images, f"{len(own)} of {images} own layers ran beside the shared one"

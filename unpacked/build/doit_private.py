@@ -264,25 +264,27 @@ class LeanNode(ExecNode):
         spend(self.task)
 
 
-WALK_AHEAD = 256     # nodes left waiting before the walk waits for a task to end
+WALK_AHEAD = 256     # nodes left waiting before the walk waits for a setup task
 
 
 class LeanDispatcher(TaskDispatcher):
-    """doit's ``TaskDispatcher`` with ``LeanNode``s, walking the graph depth first and only
-    so far ahead of the run.
+    """doit's ``TaskDispatcher`` with ``LeanNode``s, walking the graph depth first, and not
+    past a setup task everything waits for.
 
     doit walks breadth first, and on while every node it reaches waits: at a run's start
-    everything due waits for the repository's ``_txn``, so it made every node of the graph
-    before the first layer ran (a 10,000-image cold convert: 50,000 nodes at once, the run's
-    peak). Here the node walked next is the one made last (the deps of the node just walked),
-    and once ``WALK_AHEAD`` nodes wait while a task is out with the runner, the walk holds on
-    until a task ends (doit's own "hold on", which its parallel runners wait out). Nodes are
-    then made as the run goes and emptied as it goes. A runner that runs each task as it gets
-    it (doit's serial one) never has one out, so its walk never holds."""
+    everything due waits for the repository's ``_txn`` (a setup task), so it made every node
+    of the graph before the first layer ran (a 10,000-image cold convert: 50,000 nodes at
+    once, the run's peak). Here the node walked next is the one made last (the deps of the
+    node just walked), so the walk stops at the first task it can hand out; and while a setup
+    task is out with the runner and ``WALK_AHEAD`` nodes wait, it holds on until a task ends
+    (doit's own "hold on", which its parallel runners wait out). Only then: a walk held while
+    a slow shared layer runs would leave free workers idle beside runnable layers. A runner
+    that runs each task as it gets it (doit's serial one) never has one out: it never holds."""
 
     def __init__(self, *args, **kwargs):
-        self._out = 0           # tasks handed to the runner and not yet sent back
         super().__init__(*args, **kwargs)
+        self._setups = {name for task in self.tasks.values() for name in task.setup_tasks}
+        self._setups_out = 0    # setup tasks handed to the runner and not yet sent back
 
     def _dispatcher_generator(self, selected_tasks):
         inner = super()._dispatcher_generator(selected_tasks)
@@ -292,13 +294,13 @@ class LeanDispatcher(TaskDispatcher):
                 got = inner.send(sent)
             except StopIteration:
                 return
-            if isinstance(got, ExecNode):
-                self._out += 1
+            if isinstance(got, ExecNode) and got.task.name in self._setups:
+                self._setups_out += 1
             sent = yield got
 
     def _get_next_node(self, ready, tasks_to_run):
-        if self._out and len(self.waiting) >= WALK_AHEAD:
-            return None         # doit yields "hold on" (something waits, so it never ends)
+        if self._setups_out and self.waiting and len(self.waiting) >= WALK_AHEAD:
+            return None         # doit yields "hold on" (something waits: it never ends)
         if ready:
             return ready.pop()
         return super()._get_next_node(ready, tasks_to_run)
@@ -311,8 +313,8 @@ class LeanDispatcher(TaskDispatcher):
         return super()._gen_node(parent, task_name)     # doit's check for cycles
 
     def _update_waiting(self, processed):
-        if processed is not None:
-            self._out -= 1
+        if processed is not None and processed.task.name in self._setups:
+            self._setups_out -= 1
         super()._update_waiting(processed)
         if processed is not None and processed.run_status not in (None, "run"):
             processed.done()
