@@ -248,18 +248,26 @@ class _Seen:
         self.ended[task.name] = "up-to-date"
 
 
-def _run(tmp_path, label: str, jobs: int):
+def _run_graph(tmp_path, label: str, jobs: int, graph: dict):
+    """Run ``graph``'s publish with doit's threads (``jobs``), going on after failures:
+    (exit code, how each task ended)."""
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
-    log, seen = tmp_path / f"{label}.log", _Seen()
+    seen = _Seen()
     config = {"backend": "sqlite3", "dep_file": str(tmp_path / f"{label}.sqlite"),
               "num_process": jobs, "par_type": "thread", "continue": True, "reporter": seen,
               "default_tasks": ["publish"]}
-    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **_graph(str(log))}),
+    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **graph}),
                     config_filenames=()).run([])
+    return code, seen.ended
+
+
+def _run(tmp_path, label: str, jobs: int):
+    log = tmp_path / f"{label}.log"
+    code, ended = _run_graph(tmp_path, label, jobs, _graph(str(log)))
     with sqlite3.connect(tmp_path / f"{label}.sqlite") as db:
         rows = {name: json.loads(data) for name, data in db.execute("select * from doit")}
-    return code, seen.ended, log.read_text().split(), rows
+    return code, ended, log.read_text().split(), rows
 
 
 @pytest.fixture
@@ -417,18 +425,6 @@ def _slowly(log: str, seconds: float) -> dict:
     _step(log, "base")
     time.sleep(seconds)
     return _step(log, "base-end")
-
-
-def _run_graph(tmp_path, label: str, jobs: int, graph: dict):
-    from doit.cmd_base import ModuleTaskLoader
-    from doit.doit_cmd import DoitMain
-    seen = _Seen()
-    config = {"backend": "sqlite3", "dep_file": str(tmp_path / f"{label}.sqlite"),
-              "num_process": jobs, "par_type": "thread", "reporter": seen,
-              "default_tasks": ["publish"]}
-    code = DoitMain(ModuleTaskLoader({"DOIT_CONFIG": config, **graph}),
-                    config_filenames=()).run([])
-    return code, seen.ended
 
 
 def test_a_lean_run_walks_only_so_far_ahead_while_its_transaction_opens(tmp_path, monkeypatch,

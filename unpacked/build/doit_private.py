@@ -284,22 +284,15 @@ class LeanDispatcher(TaskDispatcher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._setups = {name for task in self.tasks.values() for name in task.setup_tasks}
-        self._setups_out = 0    # setup tasks handed to the runner and not yet sent back
 
-    def _dispatcher_generator(self, selected_tasks):
-        inner = super()._dispatcher_generator(selected_tasks)
-        sent = None
-        while True:
-            try:
-                got = inner.send(sent)
-            except StopIteration:
-                return
-            if isinstance(got, ExecNode) and got.task.name in self._setups:
-                self._setups_out += 1
-            sent = yield got
+    def _setup_out(self) -> bool:
+        """A setup task is with the runner: doit marks a node "run" as it hands it out, and
+        its end state before it tells the dispatcher."""
+        nodes = self.nodes
+        return any(name in nodes and nodes[name].run_status == "run" for name in self._setups)
 
     def _get_next_node(self, ready, tasks_to_run):
-        if self._setups_out and self.waiting and len(self.waiting) >= WALK_AHEAD:
+        if self.waiting and len(self.waiting) >= WALK_AHEAD and self._setup_out():
             return None         # doit yields "hold on" (something waits: it never ends)
         if ready:
             return ready.pop()
@@ -313,8 +306,6 @@ class LeanDispatcher(TaskDispatcher):
         return super()._gen_node(parent, task_name)     # doit's check for cycles
 
     def _update_waiting(self, processed):
-        if processed is not None and processed.task.name in self._setups:
-            self._setups_out -= 1
         super()._update_waiting(processed)
         if processed is not None and processed.run_status not in (None, "run"):
             processed.done()
