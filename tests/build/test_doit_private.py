@@ -123,6 +123,7 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
     for name in theirs:
         assert _comparable(ours[name]) == _comparable(theirs[name]), name
         assert ours[name].calc_dep is doit_private._NO_CALC     # one set: nothing adds to it
+        assert ours[name].getargs is doit_private._NO_ARGS      # one dict: doit only reads it
         # and as doit's process runner sends it to a worker (-P process)
         sent = pickle.loads(pickle.dumps(ours[name]))
         assert _comparable(sent) == _comparable(theirs[name]) | {

@@ -240,3 +240,20 @@ def test_an_index_that_lies_about_a_platform_fails_that_image_alone(registry, la
     assert (site.repo_root / registry.host / f"{good}:v1" / "g").read_bytes() == b"good"
     assert not os.path.lexists(site.repo_root / hostile.host / "evil/multi:v1")
     outside_untouched(site)
+
+
+def test_a_layer_that_fails_fails_each_image_it_serves_with_its_reason(site, hostile):
+    """Two images share a layer the registry serves corrupt: each image's line gives the
+    layer's own reason (looked up in the plan when it fails), not only that a dependency
+    failed."""
+    layer = tar_bytes([Entry("x", b"x")])
+    manifest, config = valid_image(layer, sha(layer))
+    for name in ("evil/one", "evil/two"):
+        hostile.image(name, "v1", manifest, config, {sha(layer): b"not the layer at all"})
+    site.recipe([f"http://{hostile.host}/evil/one:v1", f"http://{hostile.host}/evil/two:v1"])
+    done = site.doit()
+    assert done.returncode == 1, done.stdout + done.stderr
+    for name in ("evil/one:v1", "evil/two:v1"):
+        lines = [x for x in unstamped(done.stdout) if f"failed {hostile.host}/{name}" in x]
+        assert len(lines) == 1, done.stdout
+        assert f"blob {sha(layer)}" in lines[0] and "transfer failed" in lines[0], lines[0]

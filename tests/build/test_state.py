@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import diskcache
+import pytest
 
 from unpacked.build.state import ReadOnlyCache, State
 
@@ -89,20 +90,28 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
     State(tmp_path).put_resolved(first)
     state = State(tmp_path)
     known = state.resolved("reg/a:1")
-    assert known == first and state.resolved("reg/a:1") is known
+    assert known == first.light() and state.resolved("reg/a:1") is known
+    assert [(i.manifest, i.config) for i in known.images] == [(None, None)], \
+        "the run keeps no document bytes"
     assert state._key("resolved", "reg/a:1") not in state._memo, "the raw copy is dropped"
+    whole = state.resolved("reg/a:1", whole=True)
+    assert whole == first, "the bytes are read from the cache when asked for"
+    assert state.resolved("reg/a:1") is known, "... and not kept"
+    with pytest.raises(ValueError, match="light"):
+        known.to_dict()                             # never stored without its bytes
     writable, state.cache = state.cache, ReadOnlyCache(state.folder)  # no set(): a write fails
     state.put_resolved(_resolved("reg/a:1", "sha256:" + "a" * 64))   # equal: not written
     state.cache = writable
     moved = _resolved("reg/a:1", "sha256:" + "b" * 64)
     state.put_resolved(moved)
-    assert state.resolved("reg/a:1") is moved
+    assert state.resolved("reg/a:1") == moved.light()
+    assert state.resolved("reg/a:1", whole=True) == moved
     assert state._key("resolved", "reg/a:1") not in state._memo, "nor is what was written kept"
-    assert State(tmp_path).resolved("reg/a:1") == moved, "a change reaches the cache"
+    assert State(tmp_path).resolved("reg/a:1", whole=True) == moved, "a change reaches the cache"
     fresh = State(tmp_path)
     fresh.put_resolved(first)                           # as a cold run's resolve does
     assert fresh._key("resolved", "reg/a:1") not in fresh._memo
-    assert State(tmp_path).resolved("reg/a:1") == first
+    assert State(tmp_path).resolved("reg/a:1", whole=True) == first
 
 
 def test_digests_and_media_types_are_held_once_however_many_images_name_them():

@@ -4,6 +4,7 @@ and nothing it leaves behind (its transaction, its workers) blocks the next run.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -32,7 +33,8 @@ def _plans() -> int:
 def _look(ctx, name: str) -> dict:
     """In a worker: what it reads of the cache, and what it holds."""
     return {"tags": ctx.state.tags(name), "whole": ctx.state._memo is not None,
-            "plans": _plans(), "pid": os.getpid(), "worker": ctx.worker}
+            "plans": _plans(), "pid": os.getpid(), "worker": ctx.worker,
+            "frozen": gc.get_freeze_count()}
 
 
 @remote
@@ -95,6 +97,12 @@ def test_a_worker_keeps_no_digest_names_from_one_action_to_the_next(pool):
     for _ in range(4):                      # each worker more than once
         before, after = _folder_names(pool, digests)
         assert before == 0 and after >= 200
+
+
+def test_what_a_worker_inherits_is_frozen_for_the_collector(pool):
+    """Neither process's cycle collections walk the objects made before the fork (a walk
+    writes to each object: every page of them would be copied, in the run and each worker)."""
+    assert gc.get_freeze_count() > 0 and _look(pool, "x")["frozen"] > 0
 
 
 def test_an_action_that_breaks_in_a_worker_fails_with_its_traceback(pool):

@@ -49,8 +49,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _resolved(ctx: Context, name: str) -> Resolved:
-    """The resolved state the plan was made from (resolved before tasks were generated)."""
-    resolved = ctx.state.resolved(name)
+    """The resolved state the plan was made from (resolved before tasks were generated),
+    with its manifest and config bytes."""
+    resolved = ctx.state.resolved(name, whole=True)
     if resolved is None:
         raise ImageError(f"{name}: no resolved state in the cache; run doit again")
     return resolved

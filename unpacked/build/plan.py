@@ -17,7 +17,7 @@ from ..recipe import Input, Recipe
 from ..reference import ImageRef
 from ..registry.resolved import Layer, PlatformImage, Resolved
 from ..repo import gc
-from ..repo.layout import MULTIARCH, Repository, public_target
+from ..repo.layout import MULTIARCH, Repository, hex_of, public_target
 from . import doit_private
 from .refresh import expand
 
@@ -33,6 +33,7 @@ class ImagePlan:
     ref: ImageRef
     resolved: Resolved | None
     failure: str | None
+    _whole: list[PlatformImage] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -48,7 +49,18 @@ class ImagePlan:
 
     @property
     def images(self) -> list[PlatformImage]:
+        """Light (``Resolved.light``): digests, platforms and layers, not the documents."""
         return self.resolved.images if self.resolved else []
+
+    def whole_images(self, state) -> list[PlatformImage]:
+        """``images`` with their manifest and config bytes, read from the cache once (a thin
+        image's key hashes parts of the config); [] when the cache no longer holds what the
+        plan was made from."""
+        if self._whole is None:
+            whole = state.resolved(self.name, whole=True) if self.resolved else None
+            same = whole is not None and whole.light() == self.resolved
+            self._whole = whole.images if same else []
+        return self._whole
 
     @property
     def multiarch(self) -> bool:
@@ -56,10 +68,14 @@ class ImagePlan:
         return len(self.images) > 1
 
 
+SOURCES = 8         # the images a layer's ingest may fetch it through, in recipe order
+
+
 @dataclass(slots=True)
 class LayerPlan:
     digest: str
-    sources: list[tuple[ImageRef, Layer]] = field(default_factory=list)
+    # (url, layer) of the first SOURCES images that have it: the ingest's arguments as they are
+    sources: list[tuple[str, Layer]] = field(default_factory=list)
     repos: set[str] = field(default_factory=set)
     images: list[str] = field(default_factory=list)
 
@@ -81,6 +97,18 @@ class Plan:
     repos: list[str] = field(default_factory=list)
     recorded: dict[str, dict] = field(default_factory=dict)   # task id -> values, doit's DB
     clashes: dict[str, str] = field(default_factory=dict)      # image name -> why refused
+    _users: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+
+    def users(self, task: str) -> list[str]:
+        """The images a ``layer:`` or ``flat:`` task serves: whom its failure is reported
+        for. Looked up when one fails, not kept on each of tens of thousands of tasks."""
+        if self._users is None:
+            users = {doit_private.task_name("layer", hex_of(digest)): entry.images
+                     for digest, entry in self.layers.items()}
+            users.update((doit_private.task_name("flat", hex_of(config)),
+                          [i.name for i in entry.images]) for config, entry in self.flats.items())
+            self._users = users
+        return self._users.get(task, [])
 
     def by_name(self) -> dict[str, list[ImagePlan]]:
         """Images grouped by name: one name may be wanted by several recipes (repositories)."""
@@ -134,7 +162,8 @@ def _add_image(plan: Plan, item: ImagePlan, image: PlatformImage) -> None:
         entry = plan.layers.get(layer.digest)
         if entry is None:
             entry = plan.layers[layer.digest] = LayerPlan(layer.digest)
-        entry.sources.append((item.ref, layer))
+        if len(entry.sources) < SOURCES:
+            entry.sources.append((item.ref.url, layer))
         entry.repos.add(item.repo)
         entry.images.append(item.name)
     flat = plan.flats.get(image.config_digest)
@@ -174,12 +203,15 @@ def _published_at(ctx, repo: str, public: str, names: list[str]) -> str | None:
     return None
 
 
-def thin_targets(items: list[ImagePlan]) -> tuple[list[tuple], str]:
-    """Where an image's thin images go, and the key that says they are pushed as they are."""
+def thin_targets(items: list[ImagePlan], state) -> tuple[list[tuple], str]:
+    """Where an image's thin images go, and the key that says they are pushed as they are
+    (an empty key when the cache lost the image's config: never up to date)."""
     from ..image import thin
     targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
                for i in items if i.recipe.output_format]
-    images = items[0].images
+    images = items[0].whole_images(state)
+    if not images:
+        return targets, ""
     key = hashlib.sha256(json.dumps(
         [[thin.key(origin, repo, output, image) for image in images]
          for repo, origin, output, _ in targets]).encode()).hexdigest()
@@ -214,7 +246,7 @@ def gc_wants(ctx, plan: Plan, repo: str) -> gc.Wants:
                 publics.add(multiarch_name(image.arch, name))
                 wants.platforms.add(f"{image.arch}/{name}")
         if items[0].images and any(i.recipe.output_format for i in items):
-            _, key = thin_targets(items)
+            _, key = thin_targets(items, state)
             if plan.recorded.get(f"thin:{name}", {}).get("key") != key:
                 wants.thin_pending.add(name)
     return wants

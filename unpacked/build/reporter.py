@@ -20,6 +20,7 @@ from doit.reporter import ConsoleReporter
 
 from .. import log as logs
 from ..errors import EXIT_FAILED, EXIT_SETUP, environmental, from_os
+from ..repo.layout import hex_of
 from .session import Interrupted, Session, leave
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Reporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         self.task_names = set(tasks)
+        hex_of.cache_clear()        # the tasks are named: ~4 MiB of folder names at 10k images
         log.debug("%d tasks ready %.2fs after the start", len(tasks),
                   time.monotonic() - self.session.started)
         if not selected_tasks or any(t == "publish" or t.startswith("publish:")
@@ -112,7 +114,9 @@ class Reporter(ConsoleReporter):
             self.failed.setdefault(name, reason)
         elif kind == "platform":
             self.failed.setdefault(name.rpartition("#")[0], reason)
-        for image in (task.meta or {}).get("images", []):
+        users = self.session.ctx.plan.users(task.name) if kind in ("layer", "flat") \
+            else (task.meta or {}).get("images", [])
+        for image in users:
             self.failed.setdefault(image, reason)
         if kind not in ("image", "platform", "layer", "flat"):
             self.other_failures.append(f"{task.name}: {reason}")

@@ -203,36 +203,49 @@ class State:
             with self._lock:
                 entries.pop(key, None)
 
-    def resolved(self, name: str) -> Resolved | None:
-        """What ``name`` resolved to (the object is shared: read it, never change it)."""
+    def resolved(self, name: str, whole: bool = False) -> Resolved | None:
+        """What ``name`` resolved to (the object is shared: read it, never change it). The
+        run's process keeps it ``light`` (without the manifest and config bytes);
+        ``whole=True`` reads the bytes too, from the cache, and keeps nothing."""
         key = self._key("resolved", name)
-        known = self._parsed.get(key)
-        if known is not None:
-            return known
-        got = self._get(key)
+        if self.whole:
+            known = self._parsed.get(key)
+            if known is not None and not whole:
+                return known
+        got = self._direct(key) if self.whole and whole else self._get(key)
         try:
             known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if known is not None and self.whole:    # a worker keeps nothing it read
-            self._keep_parsed(key, known)
+        if known is not None and self.whole and not whole:
+            known = self._keep_parsed(key, known)
         return known
+
+    def _direct(self, key: str):
+        """One entry read from the cache itself (its memo dropped the parsed ones)."""
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.get(key)
+        except (OSError, sqlite3.Error, ValueError, EOFError):
+            return None
 
     def put_resolved(self, resolved: Resolved) -> None:
         key = self._key("resolved", resolved.name)
-        if self._parsed.get(key) == resolved:
+        if self._parsed.get(key) == resolved.light():
             return                                   # unchanged: nothing written
         self._set(key, resolved.to_dict())
         if self.whole:
             self._keep_parsed(key, resolved)
 
-    def _keep_parsed(self, key: str, resolved: Resolved) -> None:
-        """Keep the parsed form alone: the raw copy is dead weight (the largest part of a
-        run's memory, with many images)."""
-        self._parsed[key] = resolved
+    def _keep_parsed(self, key: str, resolved: Resolved) -> Resolved:
+        """Keep the parsed, light form alone: the raw copy and the documents' bytes are dead
+        weight here (the largest part of a run's memory, with many images)."""
+        kept = self._parsed[key] = resolved.light()
         entries = self._entries()
         with self._lock:
             entries.pop(key, None)
+        return kept
 
     def tags(self, name: str) -> list[str] | None:
         got = self._get(self._key("tags", name))

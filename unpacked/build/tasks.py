@@ -89,7 +89,7 @@ def link_status(values: dict, digest: str, checks: list[tuple[str, str, str]]) -
 
 
 def thin_status(values: dict, key: str) -> tuple[bool, str]:
-    if values.get("key") == key:
+    if key and values.get("key") == key:
         return True, "pushed"
     if values.get("failed"):
         return False, f"failed last time: {values['failed']}"
@@ -184,6 +184,8 @@ class Tasks:
         self.omitted: set[str] = set()
         self._roots: dict[str, str] = {}
         self._deps_of: dict[str, list[str]] = {}
+        self._repo_lists: dict[tuple, list[str]] = {}
+        self._setups: dict[tuple, list[str]] = {}
 
     def namespace(self) -> dict:
         if self.groups_only:
@@ -221,7 +223,25 @@ class Tasks:
 
     @staticmethod
     def _txn(repo: str) -> str:
-        return f"_txn:{repo}"
+        return task_name("_txn", repo)
+
+    def _repos(self, repos) -> list[str]:
+        """One sorted list per set of repositories, shared by every task of that set (an
+        action only reads it; fifty thousand tasks name the same one or two)."""
+        key = tuple(sorted(repos))
+        shared = self._repo_lists.get(key)
+        if shared is None:
+            shared = self._repo_lists[key] = list(key)
+        return shared
+
+    def _setup(self, repos) -> list[str]:
+        """The transactions a task of ``repos`` needs, one shared list per set (doit only
+        reads a task's setup tasks)."""
+        key = tuple(sorted(repos))
+        shared = self._setups.get(key)
+        if shared is None:
+            shared = self._setups[key] = [self._txn(r) for r in key]
+        return shared
 
     def _root(self, repo: str) -> str:
         root = self._roots.get(repo)
@@ -278,7 +298,8 @@ class Tasks:
                                        checks)
             if any(i.recipe.output_format for i in items):
                 task = task_name("thin", name)
-                states[task] = thin_status(recorded.get(task, {}), thin_targets(items)[1])
+                states[task] = thin_status(recorded.get(task, {}),
+                                                  thin_targets(items, self.ctx.state)[1])
         for name in self.by_name:
             states.setdefault(task_name("image", name), (False, "not converted"))
         return states
@@ -374,16 +395,14 @@ class Tasks:
             oks.append(ok)
             if self._omit(task, ok):
                 continue
-            repos = sorted(entry.repos)
             first = entry.sources[0][1]
             row = {"name": hex_of(digest),
-                   "actions": [(actions.ingest, [self.ctx, [(ref.url, layer) for ref, layer
-                                                            in entry.sources[:8]], repos])],
+                   "actions": [(actions.ingest, [self.ctx, entry.sources,
+                                                 self._repos(entry.repos)])],
                    "uptodate": self._uptodate(ok, why),
-                   "setup": [self._txn(r) for r in repos],
+                   "setup": self._setup(entry.repos),
                    "doc": f"{max(first.size, 0):,} bytes, used by "
                           f"{count(len(entry.images), 'image')}",
-                   "meta": {"images": entry.images},     # whom a failure is reported for
                    "verbosity": 2}
             if self.explain:
                 row["meta"] = {"status": why, "digest": digest, "diff_id": first.diff_id,
@@ -398,7 +417,7 @@ class Tasks:
         plan, states, s = self.ctx.plan, self.states, self.ctx.settings
         rows, oks = [], []
         for config, entry in sorted(plan.flats.items()):
-            image, repos = entry.image, sorted(entry.repos)
+            image, repos = entry.image, self._repos(entry.repos)
             task = task_name("flat", hex_of(config))
             ok, why = states[task]
             oks.append(ok)
@@ -410,10 +429,9 @@ class Tasks:
                    "task_dep": self._deps(task_name("layer", hex_of(x.digest))
                                           for x in image.layers),
                    "uptodate": self._uptodate(ok, why),
-                   "setup": [self._txn(r) for r in repos],
+                   "setup": self._setup(entry.repos),
                    "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
                           f"{count(len(entry.images), 'image')}",
-                   "meta": {"images": [i.name for i in entry.images]},
                    "verbosity": 2}
             if self.explain:
                 row["meta"] = {"status": why, "config": config, "platform": image.platform,
@@ -428,7 +446,7 @@ class Tasks:
         states = self.states
         rows, oks = [], []
         for name, items in self.converted.items():
-            repos = sorted({i.repo for i in items})
+            repos = self._repos({i.repo for i in items})
             for task, image, _, digest in self._platform_rows(name, items):
                 ok, why = states[task]
                 oks.append(ok)
@@ -440,7 +458,7 @@ class Tasks:
                                  [self.ctx, name, image.config_digest, repos])],
                     "task_dep": self._deps([task_name("flat", hex_of(image.config_digest))]),
                     "uptodate": self._uptodate(ok, why),
-                    "setup": [self._txn(r) for r in repos],
+                    "setup": self._setup(repos),
                     "doc": f"{multiarch_name(image.arch, name)} -> "
                            f".flat/{hex_of(image.config_digest)[:12]}",
                     "meta": {"status": why, "platform": image.platform, "manifest": digest,
@@ -477,7 +495,7 @@ class Tasks:
                    "actions": [(actions.link, [self.ctx, name, targets, variant])],
                    "task_dep": self._deps(self._image_deps(name, items)),
                    "uptodate": self._uptodate(ok, why),
-                   "setup": sorted({self._txn(i.repo) for i in items}),
+                   "setup": self._setup({i.repo for i in items}),
                    "doc": f"{first.input.written} -> {', '.join(i.public for i in items)}",
                    "verbosity": 2}
             if self.explain:
@@ -525,7 +543,7 @@ class Tasks:
         for name, items in self.converted.items():
             if not any(i.recipe.output_format for i in items):
                 continue
-            targets, key = thin_targets(items)
+            targets, key = thin_targets(items, self.ctx.state)
             ok, why = self.states[task_name("thin", name)]
             oks.append(ok)
             if self._omit(task_name("thin", name), ok and name not in self.busy_images):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib
 import multiprocessing
 import os
@@ -58,6 +59,7 @@ class Workers:
         ours: list[Connection] = []
         for module in PRELOAD:
             importlib.import_module(module)
+        gc.freeze()
         for number in range(count):
             mine, theirs = fork.Pipe()
             ours.append(mine)

@@ -6,7 +6,7 @@ their grammar, the exact manifest and config bytes (re-parsed, never trusted raw
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from sys import intern
 
@@ -41,9 +41,9 @@ class PlatformImage:
     platform: str              # os/arch[/variant], as the config names it
     manifest_digest: str
     media_type: str
-    manifest: bytes            # the exact bytes fetched
+    manifest: bytes | None     # the exact bytes fetched (None: left in the cache, ``light``)
     config_digest: str
-    config: bytes              # the exact bytes fetched
+    config: bytes | None       # the exact bytes fetched (None: left in the cache, ``light``)
     layers: list[Layer]
 
     def __post_init__(self) -> None:
@@ -73,9 +73,22 @@ class Resolved:
     resolved_at: float = 0.0
     offered: tuple[str, ...] = ()  # every platform the tag offers
 
+    def light(self) -> Resolved:
+        """This state without the manifest and config bytes: what a run keeps of every image
+        (planning reads digests, platforms and layers; the actions read the bytes from the
+        cache). Real configs run to tens of kilobytes: ten thousand of them were the run's
+        largest single holding."""
+        if all(i.manifest is None and i.config is None for i in self.images):
+            return self
+        return replace(self, images=[replace(i, manifest=None, config=None)
+                                     for i in self.images])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for image in d["images"]:
+            if image["manifest"] is None or image["config"] is None:
+                raise ValueError(f"{self.name}: a light state is not stored (its bytes are "
+                                 "in the cache)")
             image["manifest"] = image["manifest"].decode("utf-8", "surrogateescape")
             image["config"] = image["config"].decode("utf-8", "surrogateescape")
         return d
