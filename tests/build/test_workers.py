@@ -48,6 +48,11 @@ def _folder_names(ctx, digests: list[str]) -> tuple[int, int]:
 
 
 @remote
+def _values(ctx, digest: str) -> dict:
+    return {"digest": digest, "set": "f" * 64}
+
+
+@remote
 def _write(ctx, name: str, tags: list[str]) -> None:
     ctx.state.put_tags(name, tags)
 
@@ -97,6 +102,15 @@ def test_a_worker_keeps_no_digest_names_from_one_action_to_the_next(pool):
     for _ in range(4):                      # each worker more than once
         before, after = _folder_names(pool, digests)
         assert before == 0 and after >= 200
+
+
+def test_an_actions_values_come_back_as_one_object_each(pool):
+    """doit keeps every task's values to the run's end: a digest or recipe set that many
+    tasks name is one string object, not a copy from the pipe for each."""
+    one, two = (_values(pool, "sha256:" + "a" * 64) for _ in range(2))
+    assert one == two == {"digest": "sha256:" + "a" * 64, "set": "f" * 64}
+    assert one["digest"] is two["digest"] and one["set"] is two["set"]
+    assert all(a is b for a, b in zip(one, two, strict=True)), "and the names too"
 
 
 def test_what_a_worker_inherits_is_frozen_for_the_collector(pool):

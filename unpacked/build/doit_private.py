@@ -274,6 +274,21 @@ class LeanNode(ExecNode):
         spend(self.task)
 
 
+class Ended:
+    """What stays of a task's node once it ran or was up to date: its status, all doit reads
+    of it again (the nodes made after it ask whether it ran). A failed or ignored task keeps
+    its node: doit names it in the error of each task that waited for it."""
+
+    __slots__ = ("run_status",)
+
+    def __init__(self, run_status: str):
+        self.run_status = run_status
+
+    def __repr__(self) -> str:
+        return f"Ended({self.run_status})"
+
+
+_ENDED = {status: Ended(status) for status in ("successful", "up-to-date")}
 WALK_AHEAD = 256     # nodes left waiting before the walk waits for a setup task
 
 
@@ -319,6 +334,9 @@ class LeanDispatcher(TaskDispatcher):
         super()._update_waiting(processed)
         if processed is not None and processed.run_status not in (None, "run"):
             processed.done()
+            ended = _ENDED.get(processed.run_status)
+            if ended is not None:
+                self.nodes[processed.task.name] = ended
 
 
 def _save_success(save):
