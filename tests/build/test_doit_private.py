@@ -124,6 +124,7 @@ def test_tasks_made_fast_equal_what_doits_loader_makes():
         assert _comparable(ours[name]) == _comparable(theirs[name]), name
         assert ours[name].calc_dep is doit_private._NO_CALC     # one set: nothing adds to it
         assert ours[name].getargs is doit_private._NO_ARGS      # one dict: doit only reads it
+        assert ours[name].creator_params is doit_private._NO_PARAMS
         # and as doit's process runner sends it to a worker (-P process)
         sent = pickle.loads(pickle.dumps(ours[name]))
         assert _comparable(sent) == _comparable(theirs[name]) | {
@@ -313,7 +314,8 @@ def test_a_lean_run_runs_what_doits_own_run_does_and_keeps_nothing_done(tmp_path
     assert {n: r["_values_:"] for n, r in lean[3].items()} == \
         {n: r["_values_:"] for n, r in rows.items()}
     assert "result:" in rows["layer:a"] and "result:" not in lean[3]["layer:a"]
-    assert not doit_private._NO_CALC        # doit's own run and ours left the shared set empty
+    # doit's own run and ours left the shared containers empty
+    assert not doit_private._NO_CALC and not doit_private._NO_ARGS and not doit_private._NO_PARAMS
     # and nothing kept of a task done but its name, values and state
     (dispatcher,) = made
     assert set(dispatcher.nodes) == set(ended)

@@ -79,6 +79,7 @@ def test_every_platform_with_the_local_publisher(registry, layout, site):
     assert "5 layers ingested, 4 flat images built" in done.stdout, "the base is shared"
     listing = site.doit("list", "--all").stdout
     assert f"platform:{name}#linux/arm64/v8" in listing
+    assert " -> .flat/" in listing, "a listing shows the docs a bare run leaves out"
     info = site.doit("info", f"platform:{name}#linux/arm/v7")
     assert info.returncode == 0 and "linked" in info.stdout
     again = site.doit()

@@ -110,14 +110,16 @@ ROW_KEYS = {"name", "actions", "task_dep", "uptodate", "setup", "doc", "meta", "
 NOT_CAPTURED = {"capture": False}
 # What a task of ours never has, one shared empty container each: doit only reads these
 # (it adds to them only for features our rows do not use: file deps, targets, wildcards,
-# result_dep, clean and teardown actions). creator_params stays a list (doit adds a list to
-# it), calc_dep a set: doit's node copies it and clears the copy; it adds to a task's own
-# only from the results of its calc deps (ours have none), so one set serves every task;
-# getargs a dict, which doit only reads after a task is made.
+# result_dep, clean and teardown actions). Beside those: calc_dep, a set: doit's node copies
+# it and clears the copy; it adds to a task's own only from the results of its calc deps
+# (ours have none), so one set serves every task; getargs, a dict, and creator_params, a
+# list (``doit help`` adds it to a list), which doit only reads once a task is made (its
+# loader replaces the list of a task it makes with parameters, never adds to one).
 _NONE = {"file_dep": frozenset(), "wild_dep": (), "targets": (), "value_savers": (),
          "clean_actions": (), "teardown": ()}
 _NO_CALC: set = set()
 _NO_ARGS: dict = {}
+_NO_PARAMS: list = []
 _PROTO = dict(vars(Task("prototype", None, io=NOT_CAPTURED)), **_NONE)
 _ATTRS = tuple(_PROTO)
 
@@ -190,7 +192,8 @@ def task(name: str, row: dict, subtask_of: str | None = None, has_subtask: bool 
                  uptodate=_uptodate(row.get("uptodate", ())),
                  doc=first_line(row.get("doc")), meta=row.get("meta"),
                  verbosity=row.get("verbosity"), subtask_of=subtask_of, has_subtask=has_subtask,
-                 values={}, getargs=_NO_ARGS, creator_params=[], calc_dep=_NO_CALC)
+                 values={}, getargs=_NO_ARGS, creator_params=_NO_PARAMS,
+                 calc_dep=_NO_CALC)
     made.update_from_pickle(attrs)
     return made
 

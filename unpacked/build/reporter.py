@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import time
 import traceback
+from collections.abc import Set
 
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
@@ -52,7 +53,7 @@ class Reporter(ConsoleReporter):
         self.thin_failed: dict[str, str] = {}
         self.gc: dict[str, list[str]] = {"deleted": [], "pending": [], "errors": []}
         self.gc_blocked: list[str] = []
-        self.task_names: set[str] = set()
+        self.task_names: Set[str] = set()
         self.published = False
         self.bytes_downloaded = 0
         self.began = time.time()
@@ -63,7 +64,7 @@ class Reporter(ConsoleReporter):
         super().write(text)
 
     def initialize(self, tasks, selected_tasks):
-        self.task_names = set(tasks)
+        self.task_names = tasks.keys()     # doit's own, kept by it to the end (no copy)
         hex_of.cache_clear()        # the tasks are named: ~4 MiB of folder names at 10k images
         log.debug("%d tasks ready %.2fs after the start", len(tasks),
                   time.monotonic() - self.session.started)
