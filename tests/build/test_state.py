@@ -94,7 +94,7 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
     assert [(i.manifest, i.config) for i in known.images] == [(None, None)], \
         "the run keeps no document bytes"
     assert state._key("resolved", "reg/a:1") not in state._memo, "the raw copy is dropped"
-    whole = state.resolved("reg/a:1", whole=True)
+    whole = state.resolved("reg/a:1", with_bytes=True)
     assert whole == first, "the bytes are read from the cache when asked for"
     assert state.resolved("reg/a:1") is known, "... and not kept"
     with pytest.raises(ValueError, match="light"):
@@ -105,13 +105,14 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
     moved = _resolved("reg/a:1", "sha256:" + "b" * 64)
     state.put_resolved(moved)
     assert state.resolved("reg/a:1") == moved.light()
-    assert state.resolved("reg/a:1", whole=True) == moved
+    assert state.resolved("reg/a:1", with_bytes=True) == moved
     assert state._key("resolved", "reg/a:1") not in state._memo, "nor is what was written kept"
-    assert State(tmp_path).resolved("reg/a:1", whole=True) == moved, "a change reaches the cache"
+    assert State(tmp_path).resolved("reg/a:1", with_bytes=True) == moved, \
+        "a change reaches the cache"
     fresh = State(tmp_path)
     fresh.put_resolved(first)                           # as a cold run's resolve does
     assert fresh._key("resolved", "reg/a:1") not in fresh._memo
-    assert State(tmp_path).resolved("reg/a:1", whole=True) == first
+    assert State(tmp_path).resolved("reg/a:1", with_bytes=True) == first
 
 
 def test_digests_and_media_types_are_held_once_however_many_images_name_them():

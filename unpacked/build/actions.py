@@ -51,18 +51,18 @@ def _reason(exc: BaseException) -> str:
 def _resolved(ctx: Context, name: str) -> Resolved:
     """The resolved state the plan was made from (resolved before tasks were generated),
     with its manifest and config bytes."""
-    resolved = ctx.state.resolved(name, whole=True)
+    resolved = ctx.state.resolved(name, with_bytes=True)
     if resolved is None:
         raise ImageError(f"{name}: no resolved state in the cache; run doit again")
     return resolved
 
 
-def _image(ctx: Context, name: str, config: str) -> PlatformImage:
-    for image in _resolved(ctx, name).images:
+def _image(resolved: Resolved, config: str) -> PlatformImage:
+    for image in resolved.images:
         if image.config_digest == config:
             return image
-    raise ImageError(f"{name}: no platform image with config {config} in the cache; run "
-                     "doit again")
+    raise ImageError(f"{resolved.name}: no platform image with config {config} in the cache; "
+                     "run doit again")
 
 
 @remote
@@ -96,7 +96,7 @@ def ingest(ctx: Context, sources: list[tuple[str, Layer]], repos: list[str]) -> 
 @step
 def flatten(ctx: Context, name: str, config: str, repos: list[str], key: str) -> dict:
     from ..image.convert import build_flat
-    image = _image(ctx, name, config)
+    image = _image(_resolved(ctx, name), config)
     for repo in repos:
         with notify.step(ctx.settings.notification_file, "flat_conversion", image=name,
                          private_path=f".flat/{config[7:]}"):
@@ -127,7 +127,7 @@ def link_platform(ctx: Context, name: str, config: str, repos: list[str]) -> dic
     from ..repo.multiarch import ensure_aliases
     from .plan import multiarch_name
     resolved = _resolved(ctx, name)
-    image = _image(ctx, name, config)
+    image = _image(resolved, config)
     path = multiarch_name(image.arch, name)
     for repo in repos:
         repository = ctx.publisher(repo).repository()

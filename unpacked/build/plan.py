@@ -17,7 +17,7 @@ from ..recipe import Input, Recipe
 from ..reference import ImageRef
 from ..registry.resolved import Layer, PlatformImage, Resolved
 from ..repo import gc
-from ..repo.layout import MULTIARCH, Repository, hex_of, public_target
+from ..repo.layout import MULTIARCH, Repository, public_target
 from . import doit_private
 from .refresh import expand
 
@@ -33,7 +33,7 @@ class ImagePlan:
     ref: ImageRef
     resolved: Resolved | None
     failure: str | None
-    _whole: list[PlatformImage] | None = field(default=None, repr=False, compare=False)
+    _thin_keys: dict | None = field(default=None, repr=False, compare=False)  # thin_targets'
 
     @property
     def name(self) -> str:
@@ -53,14 +53,11 @@ class ImagePlan:
         return self.resolved.images if self.resolved else []
 
     def whole_images(self, state) -> list[PlatformImage]:
-        """``images`` with their manifest and config bytes, read from the cache once (a thin
-        image's key hashes parts of the config); [] when the cache no longer holds what the
-        plan was made from."""
-        if self._whole is None:
-            whole = state.resolved(self.name, whole=True) if self.resolved else None
-            same = whole is not None and whole.light() == self.resolved
-            self._whole = whole.images if same else []
-        return self._whole
+        """``images`` with their manifest and config bytes, read from the cache (a thin
+        image's key hashes parts of the config) and not kept; [] when the cache no longer
+        holds what the plan was made from."""
+        whole = state.resolved(self.name, with_bytes=True) if self.resolved else None
+        return whole.images if whole is not None and whole.light() == self.resolved else []
 
     @property
     def multiarch(self) -> bool:
@@ -97,18 +94,19 @@ class Plan:
     repos: list[str] = field(default_factory=list)
     recorded: dict[str, dict] = field(default_factory=dict)   # task id -> values, doit's DB
     clashes: dict[str, str] = field(default_factory=dict)      # image name -> why refused
-    _users: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
 
     def users(self, task: str) -> list[str]:
         """The images a ``layer:`` or ``flat:`` task serves: whom its failure is reported
         for. Looked up when one fails, not kept on each of tens of thousands of tasks."""
-        if self._users is None:
-            users = {doit_private.task_name("layer", hex_of(digest)): entry.images
-                     for digest, entry in self.layers.items()}
-            users.update((doit_private.task_name("flat", hex_of(config)),
-                          [i.name for i in entry.images]) for config, entry in self.flats.items())
-            self._users = users
-        return self._users.get(task, [])
+        kind, _, folder = task.partition(":")
+        entries = {"layer": self.layers, "flat": self.flats}.get(kind, {})
+        for algorithm in ("sha256", "sha512"):      # the digests a folder name may be of
+            entry = entries.get(f"{algorithm}:{folder}")
+            if isinstance(entry, LayerPlan):
+                return entry.images
+            if isinstance(entry, FlatPlan):
+                return [i.name for i in entry.images]
+        return []
 
     def by_name(self) -> dict[str, list[ImagePlan]]:
         """Images grouped by name: one name may be wanted by several recipes (repositories)."""
@@ -209,12 +207,16 @@ def thin_targets(items: list[ImagePlan], state) -> tuple[list[tuple], str]:
     from ..image import thin
     targets = [(i.repo, i.input.written, i.recipe.output_of(i.ref), i.recipe.user)
                for i in items if i.recipe.output_format]
-    images = items[0].whole_images(state)
-    if not images:
-        return targets, ""
+    first = items[0]
+    keys = first._thin_keys = first._thin_keys or {}     # per plan: the tasks, gc and states
+    known = keys.get(tuple(targets))
+    if known is not None:
+        return targets, known
+    images = first.whole_images(state)
     key = hashlib.sha256(json.dumps(
         [[thin.key(origin, repo, output, image) for image in images]
-         for repo, origin, output, _ in targets]).encode()).hexdigest()
+         for repo, origin, output, _ in targets]).encode()).hexdigest() if images else ""
+    keys[tuple(targets)] = key
     return targets, key
 
 

@@ -203,21 +203,22 @@ class State:
             with self._lock:
                 entries.pop(key, None)
 
-    def resolved(self, name: str, whole: bool = False) -> Resolved | None:
+    def resolved(self, name: str, with_bytes: bool = False) -> Resolved | None:
         """What ``name`` resolved to (the object is shared: read it, never change it). The
         run's process keeps it ``light`` (without the manifest and config bytes);
-        ``whole=True`` reads the bytes too, from the cache, and keeps nothing."""
+        ``with_bytes`` reads those too, from the cache, and keeps nothing. A worker keeps
+        nothing it reads, and reads the bytes always."""
         key = self._key("resolved", name)
         if self.whole:
             known = self._parsed.get(key)
-            if known is not None and not whole:
+            if known is not None and not with_bytes:
                 return known
-        got = self._direct(key) if self.whole and whole else self._get(key)
+        got = self._direct(key) if self.whole and with_bytes else self._get(key)
         try:
             known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if known is not None and self.whole and not whole:
+        if known is not None and self.whole and not with_bytes:
             known = self._keep_parsed(key, known)
         return known
 

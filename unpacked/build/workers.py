@@ -101,6 +101,7 @@ class Workers:
         """Tell the idle workers to end, and wait for them; a busy one is left to the caller
         (it may be publishing). No action is handed out after this."""
         self.stopped = True
+        gc.unfreeze()                       # nothing is forked from here any more
         told = []
         while True:
             try:
