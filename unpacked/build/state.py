@@ -153,10 +153,12 @@ class State:
     def _key(kind: str, name: str, extra: str = "") -> str:
         return f"v{VERSION}\x1f{kind}\x1f{name}\x1f{extra}"
 
-    def _get(self, key: str):
-        if self.whole:
+    def _get(self, key: str, from_disk: bool = False):
+        """An entry from the memo read whole, or (a worker; ``from_disk``: one the memo
+        dropped) from the cache itself."""
+        if self.whole and not from_disk:
             return self._entries().get(key)
-        reader = self._key_reader()
+        reader = self.cache if self.whole else self._key_reader()
         if reader is None:
             return None
         try:
@@ -213,7 +215,7 @@ class State:
             known = self._parsed.get(key)
             if known is not None and not with_bytes:
                 return known
-        got = self._direct(key) if self.whole and with_bytes else self._get(key)
+        got = self._get(key, from_disk=with_bytes)
         try:
             known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -221,15 +223,6 @@ class State:
         if known is not None and self.whole and not with_bytes:
             known = self._keep_parsed(key, known)
         return known
-
-    def _direct(self, key: str):
-        """One entry read from the cache itself (its memo dropped the parsed ones)."""
-        if self.cache is None:
-            return None
-        try:
-            return self.cache.get(key)
-        except (OSError, sqlite3.Error, ValueError, EOFError):
-            return None
 
     def put_resolved(self, resolved: Resolved) -> None:
         key = self._key("resolved", resolved.name)
