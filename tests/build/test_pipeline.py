@@ -103,8 +103,11 @@ def test_moved_tag_flips_link_in_one_transaction(registry, layout, site):
     site.recipe([f"http://{registry.host}/{repo}:v1"])
     assert site.doit().returncode == 0
     new = push(registry, layout, repo, "v1", [Entry("version", b"2")])
+    site.env["UNPACKED_VERBOSITY"] = "2"    # its debug lines say how often a run planned
     done = site.doit()
     assert done.returncode == 0 and "1 updated" in done.stdout
+    assert "planning again" in done.stderr and done.stderr.count("planned in") == 2, \
+        "the plan made during the resolve is stale once the tag moved"
     public = site.repo_root / registry.host / f"{repo}:v1"
     assert (public / "version").read_bytes() == b"2"
     assert (site.repo_root / ".flat" / old.config_digest[7:]).is_dir(), "kept for GC"
@@ -113,6 +116,10 @@ def test_moved_tag_flips_link_in_one_transaction(registry, layout, site):
     assert json.loads(meta.read_text())["manifest_digest"] == new.manifest_digest
     assert site.revision() == 2
     assert new.layers[0] == old.layers[0]
+    again = site.doit()
+    assert again.returncode == 0 and again.stderr.count("planned in") == 1 \
+        and "planning again" not in again.stderr, "a no-op run plans once, while it resolves"
+    assert site.revision() == 2
 
 
 def test_missing_image_and_corrupt_layer_stay_local(registry, layout, site, proxy):

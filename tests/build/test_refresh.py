@@ -1,9 +1,11 @@
 """The resolve step: wildcards, cached state, HEAD-only re-resolves, local failures."""
 
+import threading
+
 from helpers import push_simple, unique
 
 from unpacked import recipe
-from unpacked.build.refresh import Refresher, expand, match_tags
+from unpacked.build.refresh import Refresher, expand, match_tags, run_parallel
 from unpacked.build.state import State
 
 
@@ -24,6 +26,26 @@ def test_match_tags_is_glob_not_regex():
     assert match_tags("v?", tags) == ["v1", "v2"]
     assert match_tags("*", tags) == sorted(tags)
     assert match_tags("21.2.1?", tags) == ["21.2.10", "21.2.15"]
+
+
+def test_meanwhile_runs_while_the_threads_work():
+    """The run prepares its plan while the HEADs are out: ``meanwhile`` runs in the caller's
+    thread at the same time as the work (here each item waits for it), once, also for none."""
+    started = threading.Event()
+    calls = []
+
+    def work(item: int) -> int:
+        if not started.wait(timeout=10):
+            raise AssertionError("meanwhile did not run while the work waited")
+        return item * 2
+
+    def meanwhile():
+        calls.append(threading.current_thread())
+        started.set()
+
+    assert run_parallel(work, [1, 2, 3], 2, meanwhile) == [2, 4, 6]
+    assert calls == [threading.main_thread()]
+    assert run_parallel(work, [], 2, meanwhile) == [] and len(calls) == 2
 
 
 def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client, proxy):

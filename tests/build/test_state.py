@@ -101,9 +101,15 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
         known.to_dict()                             # never stored without its bytes
     writable, state.cache = state.cache, ReadOnlyCache(state.folder)  # no set(): a write fails
     state.put_resolved(_resolved("reg/a:1", "sha256:" + "a" * 64))   # equal: not written
+    state.put_failure("reg/a:1", None)                               # none to delete
     state.cache = writable
+    assert state.writes == 0, "what a run prepared from the state stays good"
     moved = _resolved("reg/a:1", "sha256:" + "b" * 64)
     state.put_resolved(moved)
+    assert state.writes == 1, "a change is counted: a run prepares again"
+    state.put_failure("reg/a:1", "refused")
+    state.put_failure("reg/a:1", None)
+    assert state.writes == 3
     assert state.resolved("reg/a:1") == moved.light()
     assert state.resolved("reg/a:1", with_bytes=True) == moved
     assert state._key("resolved", "reg/a:1") not in state._memo, "nor is what was written kept"
@@ -113,6 +119,28 @@ def test_a_parsed_entry_is_kept_once_and_only_a_change_is_written(tmp_path):
     fresh.put_resolved(first)                           # as a cold run's resolve does
     assert fresh._key("resolved", "reg/a:1") not in fresh._memo
     assert State(tmp_path).resolved("reg/a:1", with_bytes=True) == first
+
+
+def test_two_threads_asking_for_one_entry_both_get_it(tmp_path):
+    """The run plans while the resolve's threads read the same entries: a reader that finds
+    the entry neither parsed nor raw (another thread just parsed it) still gets it."""
+    names = [f"reg/a:{i}" for i in range(300)]
+    writer = State(tmp_path)
+    for name in names:
+        writer.put_resolved(_resolved(name, "sha256:" + "a" * 64))
+    for _ in range(5):
+        state, missing = State(tmp_path), []
+
+        def ask(order, state=state, missing=missing):
+            missing += [name for name in order if state.resolved(name) is None]
+
+        threads = [threading.Thread(target=ask, args=(names[::step],))
+                   for step in (1, -1, 1, -1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert missing == []
 
 
 def test_digests_and_media_types_are_held_once_however_many_images_name_them():

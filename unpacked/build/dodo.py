@@ -61,19 +61,23 @@ def load(argv: list[str] | None = None) -> dict:
         for line in ctx.recipes.problems if command != "run" else ():
             sys.stderr.write(f"unpacked: {line}\n")
         full = command == "run" and not call.tasks and "recipes" not in variables
-        if command == "run":
-            session = Session(ctx, full, jobs=jobs_of(call, settings))
-            session.exit_at_once = True     # the command line's one run of this process
-            session.start()
         listing = command == "list" and not call.tasks and \
             not (options.get("subtasks") or options.get("private"))
         # edges to up-to-date tasks are left out only where nothing follows them: a run
         # that executes just what is due (forget -s, info, list and -a walk them)
         pruned = command == "run" and not options.get("always")
-        tasks = Tasks(ctx, explain=command == "info", collect=full and settings.gc,
-                      all_edges=not pruned, groups_only=listing,
-                      status=command != "list" or bool(options.get("status")),
-                      due_only=pruned and not call.tasks)
+
+        def make_tasks() -> Tasks:
+            return Tasks(ctx, explain=command == "info", collect=full and settings.gc,
+                         all_edges=not pruned, groups_only=listing,
+                         status=command != "list" or bool(options.get("status")),
+                         due_only=pruned and not call.tasks)
+
+        if command == "run":
+            session = Session(ctx, full, jobs=jobs_of(call, settings), make_tasks=make_tasks)
+            session.exit_at_once = True     # the command line's one run of this process
+            session.start()
+        tasks = session.tasks() if session is not None else make_tasks()
         if session is not None:
             session.idle_images = lambda: tasks.idle_images
             session.omitted_tasks = lambda: tasks.omitted

@@ -89,10 +89,10 @@ def merge_platforms(wanted: list[Wanted]) -> list[Wanted]:
     return wanted
 
 
-def run_parallel(func: Callable, items: list, threads: int) -> list:
-    """``[func(x) for x in items]`` on daemon threads; the caller stays interruptible."""
-    if not items:
-        return []
+def run_parallel(func: Callable, items: list, threads: int,
+                 meanwhile: Callable[[], object] = lambda: None) -> list:
+    """``[func(x) for x in items]`` on daemon threads; the caller stays interruptible.
+    ``meanwhile`` runs in the calling thread while they work (its errors are raised)."""
     work: queue.Queue = queue.Queue()
     done: queue.Queue = queue.Queue()
     for index, item in enumerate(items):
@@ -111,18 +111,23 @@ def run_parallel(func: Callable, items: list, threads: int) -> list:
 
     for _ in range(min(threads, len(items))):
         threading.Thread(target=worker, daemon=True).start()
+    meanwhile()
     results: list = [None] * len(items)
     for _ in items:
-        while True:
-            try:
-                index, value, error = done.get(timeout=0.2)
-                break
-            except queue.Empty:
-                continue
+        index, value, error = _next(done)
         if error is not None:
             raise error
         results[index] = value
     return results
+
+
+def _next(done: queue.Queue):
+    """The next result, waited for in short steps (a signal's handler runs between them)."""
+    while True:
+        try:
+            return done.get(timeout=0.2)
+        except queue.Empty:
+            continue
 
 
 class Refresher:
@@ -170,10 +175,11 @@ class Refresher:
         self.state.put_failure(wanted.name, None)
         return Outcome(wanted, resolved, None, changed)
 
-    def run(self, recipes: list[Recipe], platforms_of: Callable,
-            threads: int | None = None) -> tuple[list[Outcome], list[str]]:
+    def run(self, recipes: list[Recipe], platforms_of: Callable, threads: int | None = None,
+            meanwhile: Callable[[], object] = lambda: None) -> tuple[list[Outcome], list[str]]:
         """Resolve everything; returns outcomes per image and errors of wildcard expansion.
-        Threads: as many as requests may be in flight (more only fight for the GIL)."""
+        Threads: as many as requests may be in flight (more only fight for the GIL).
+        ``meanwhile`` runs in this thread while the manifests are asked for."""
         problems: list[str] = []
         hosts = {i.ref.api_host for r in recipes for i in r.inputs}
         threads = threads or max(1, min(64, self.per_registry * len(hosts)))
@@ -194,6 +200,7 @@ class Refresher:
             wanted.extend(Wanted(recipe, item, ref, platforms) for ref in _expanded(item, tags))
         wanted = merge_platforms(wanted)
         firsts = list({w.name: w for w in reversed(wanted)}.values())[::-1]
-        done = {o.wanted.name: o for o in run_parallel(self.resolve_one, firsts, threads)}
+        done = {o.wanted.name: o for o in run_parallel(self.resolve_one, firsts, threads,
+                                                           meanwhile)}
         return [Outcome(w, done[w.name].resolved, done[w.name].error, done[w.name].changed)
                 for w in wanted], problems

@@ -23,7 +23,6 @@ from ..settings import Settings
 from .context import Context
 from .dodo import doit_config, tune_gc
 from .session import Interrupted, Session
-from .tasks import Tasks
 
 
 def wants(item: Input, ref: ImageRef) -> bool:
@@ -84,7 +83,7 @@ def convert(settings: Settings, images: list[str], recipe_path=None, adhoc: bool
         session.start()
     except Interrupted:
         return EXIT_SIGNAL.get(session.interrupted or "", 130), []
-    tasks = Tasks(ctx, collect=False)
+    tasks = session.tasks()
     session.idle_images = lambda: tasks.idle_images
     namespace = {"DOIT_CONFIG": doit_config(ctx, session), **tasks.namespace()}
     selected = [f"publish:{r}" for r in sorted({r.cvmfs_repo for r in recipes})]

@@ -120,6 +120,7 @@ class State:
         self._parsed: dict[str, Resolved] = {}
         self._lock = threading.Lock()
         self._reader: ReadOnlyCache | None = None
+        self.writes = 0         # entries changed (what was worked out before may be stale)
 
     def close(self) -> None:
         if self._reader is not None and self._reader is not self.cache:
@@ -191,6 +192,7 @@ class State:
         except (OSError, sqlite3.Error) as exc:
             raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
                 from None
+        self.writes += 1
         if self.whole:
             entries = self._entries()
             with self._lock:
@@ -200,6 +202,7 @@ class State:
         if not self.writable or self._get(key) is None:
             return
         self.cache.delete(key)
+        self.writes += 1
         if self.whole:
             entries = self._entries()
             with self._lock:
@@ -216,6 +219,10 @@ class State:
             if known is not None and not with_bytes:
                 return known
         got = self._get(key, from_disk=with_bytes)
+        if got is None and self.whole and not with_bytes:
+            # another thread parsed it meanwhile: ``_keep_parsed`` keeps the parsed form
+            # before it drops the raw one
+            return self._parsed.get(key)
         try:
             known = Resolved.from_dict(got) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):

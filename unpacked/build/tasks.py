@@ -187,6 +187,11 @@ class Tasks:
         self._repo_lists: dict[tuple, list[str]] = {}
         self._setups: dict[tuple, list[str]] = {}
 
+    def prepare(self) -> None:
+        """Work out every task's state now (a run does while its resolve waits)."""
+        if self.status:
+            _ = self.busy_images
+
     def namespace(self) -> dict:
         if self.groups_only:
             return {f"task_{name}": self._group_only(name, doc) for name, doc in GROUPS.items()}
