@@ -1,7 +1,9 @@
 """The resolve step: wildcards, cached state, HEAD-only re-resolves, local failures."""
 
 import threading
+import time
 
+import pytest
 from helpers import push_simple, unique
 
 from unpacked import recipe
@@ -46,6 +48,25 @@ def test_meanwhile_runs_while_the_threads_work():
     assert run_parallel(work, [1, 2, 3], 2, meanwhile) == [2, 4, 6]
     assert calls == [threading.main_thread()]
     assert run_parallel(work, [], 2, meanwhile) == [] and len(calls) == 2
+
+
+def test_a_failing_meanwhile_leaves_the_threads_no_further_work():
+    """A run whose planning fails (or that is interrupted) releases its locks: the resolve's
+    threads end with the item each has, they take no other (and write no more state)."""
+    release, done = threading.Event(), []
+
+    def work(item: int) -> None:
+        release.wait(timeout=10)
+        done.append(item)
+
+    def meanwhile():
+        raise OSError("the repository cannot be read")
+
+    with pytest.raises(OSError, match="cannot be read"):
+        run_parallel(work, list(range(50)), 2, meanwhile)
+    release.set()
+    time.sleep(0.5)
+    assert len(done) <= 2
 
 
 def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client, proxy):

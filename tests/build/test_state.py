@@ -143,6 +143,22 @@ def test_two_threads_asking_for_one_entry_both_get_it(tmp_path):
         assert missing == []
 
 
+def test_a_reader_never_puts_back_what_a_resolve_replaced(tmp_path):
+    """The plan reads an entry while a resolve thread writes a newer one: the reader read the
+    old raw entry, the thread wrote and kept the new one, then the reader keeps what it
+    parsed. The new one stays, in memory as on disk."""
+    from unpacked.registry.resolved import Resolved
+    old, new = (_resolved("reg/a:1", "sha256:" + c * 64) for c in "ab")
+    State(tmp_path).put_resolved(old)
+    state = State(tmp_path)
+    key = state._key("resolved", "reg/a:1")
+    raw = state._get(key)                       # the reader's read ...
+    state.put_resolved(new)                     # ... a thread's write ...
+    kept = state._keep_parsed(key, Resolved.from_dict(raw), replace=False)   # ... its keep
+    assert kept == new.light() and state.resolved("reg/a:1") == new.light()
+    assert State(tmp_path).resolved("reg/a:1") == new.light()
+
+
 def test_digests_and_media_types_are_held_once_however_many_images_name_them():
     import json
 

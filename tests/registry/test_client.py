@@ -16,7 +16,7 @@ from helpers.images import Entry, skopeo_copy, tar_bytes
 from unpacked import reference
 from unpacked.errors import DigestMismatch, NotFound, RegistryError, Unauthorized, Unsupported
 from unpacked.registry.auth import find_credential, parse_challenge
-from unpacked.registry.retry import RetryPolicy, retry_after
+from unpacked.registry.retry import RetryPolicy, network_problem, retry_after
 
 
 def ref(host: str, repo: str, tag: str = "v1"):
@@ -384,3 +384,19 @@ def test_redirect_to_another_host_drops_authorization(token_registry, registry, 
     finally:
         front.stop()
         cdn.stop()
+
+
+def test_a_failed_connection_reads_the_same_each_run():
+    """urllib3 opens its message with the connection's repr, an object's address in
+    versions requests allows (not 2.7's own connections): kept, each run would store a new
+    reason, and a run would take the changed state for a change and plan twice."""
+    from urllib3.exceptions import NewConnectionError
+
+    reasons = set()
+    for _ in range(2):
+        exc = NewConnectionError(object(), "Failed to establish a new connection: "
+                                           "[Errno 113] No route to host")
+        assert " object at 0x" in str(exc)
+        reasons.add(network_problem(exc, "registry.example"))
+    assert reasons == {("cannot reach registry.example: Failed to establish a new "
+                        "connection: [Errno 113] No route to host", True)}

@@ -92,7 +92,9 @@ def merge_platforms(wanted: list[Wanted]) -> list[Wanted]:
 def run_parallel(func: Callable, items: list, threads: int,
                  meanwhile: Callable[[], object] = lambda: None) -> list:
     """``[func(x) for x in items]`` on daemon threads; the caller stays interruptible.
-    ``meanwhile`` runs in the calling thread while they work (its errors are raised)."""
+    ``meanwhile`` runs in the calling thread while they work. When it or the wait is cut
+    short (its error, a signal), the threads take no further item: each ends with the one
+    it has (a daemon thread cannot be stopped mid-request), and the error is raised."""
     work: queue.Queue = queue.Queue()
     done: queue.Queue = queue.Queue()
     for index, item in enumerate(items):
@@ -111,14 +113,26 @@ def run_parallel(func: Callable, items: list, threads: int,
 
     for _ in range(min(threads, len(items))):
         threading.Thread(target=worker, daemon=True).start()
-    meanwhile()
     results: list = [None] * len(items)
-    for _ in items:
-        index, value, error = _next(done)
-        if error is not None:
-            raise error
-        results[index] = value
+    try:
+        meanwhile()
+        for _ in items:
+            index, value, error = _next(done)
+            if error is not None:
+                raise error
+            results[index] = value
+    except BaseException:
+        _drain(work)
+        raise
     return results
+
+
+def _drain(work: queue.Queue) -> None:
+    while True:
+        try:
+            work.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _next(done: queue.Queue):
@@ -173,13 +187,16 @@ class Refresher:
         if resolved is not known:
             self.state.put_resolved(resolved)
         self.state.put_failure(wanted.name, None)
-        return Outcome(wanted, resolved, None, changed)
+        # light: the documents' bytes of thousands of moved tags are not held to the end
+        return Outcome(wanted, resolved if resolved is known else resolved.light(), None,
+                       changed)
 
     def run(self, recipes: list[Recipe], platforms_of: Callable, threads: int | None = None,
             meanwhile: Callable[[], object] = lambda: None) -> tuple[list[Outcome], list[str]]:
         """Resolve everything; returns outcomes per image and errors of wildcard expansion.
         Threads: as many as requests may be in flight (more only fight for the GIL).
-        ``meanwhile`` runs in this thread while the manifests are asked for."""
+        ``meanwhile`` runs in this thread while the manifests are asked for (after the tag
+        listings of wildcards)."""
         problems: list[str] = []
         hosts = {i.ref.api_host for r in recipes for i in r.inputs}
         threads = threads or max(1, min(64, self.per_registry * len(hosts)))

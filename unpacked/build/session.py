@@ -65,6 +65,7 @@ class Session:
         self.make_tasks = make_tasks or (lambda: Tasks(ctx, collect=False))
         self._tasks: Tasks | None = None    # made while the resolve ran (see ``prepare``)
         self._clocks: dict | None = None    # ... and the GC clocks worked out then
+        self._prepared_at = -1              # the state's writes when they were
         # doit's num_process (``-n``, else the setting): as many worker processes; 0, none
         # (the tasks run one by one in this process)
         self.jobs = parallel_jobs(ctx.settings) if jobs is None else jobs
@@ -100,9 +101,8 @@ class Session:
             threading.Thread(target=self.watch_workers, daemon=True).start()
             for repo in self.repos:
                 self.ctx.publisher(repo).recover()
-            writes = self.ctx.state.writes
             self.refresh()
-            if self.ctx.state.writes != writes:     # what was prepared is stale: again
+            if self._tasks is None or self.ctx.state.writes != self._prepared_at:
                 log.debug("the resolve changed the state: planning again")
                 self._tasks = self._clocks = None
                 self.prepare()
@@ -117,12 +117,22 @@ class Session:
         while the resolve's threads wait for the registries, and again after it only when
         the resolve changed the state (a no-op run changes nothing: 10,000 images, 0.5 s
         less, measured; the HEADs slow a little, as both share the machine's cores)."""
-        mark = time.monotonic()
-        self.ctx.replan()
+        mark, state = time.monotonic(), self.ctx.state
+        self._prepared_at = state.writes
+        steps = (self.ctx.replan, self._prepare_clocks, self._prepare_tasks)
+        for step in steps:
+            if state.writes != self._prepared_at:
+                self._clocks = self._tasks = None   # stale already: stop, free what it holds
+                return
+            step()
+        log.debug("planned in %.2fs", time.monotonic() - mark)
+
+    def _prepare_clocks(self) -> None:
         self._clocks = self.work_out_clocks()
+
+    def _prepare_tasks(self) -> None:
         self._tasks = self.make_tasks()
         self._tasks.prepare()
-        log.debug("planned in %.2fs", time.monotonic() - mark)
 
     def tasks(self) -> Tasks:
         """The run's tasks (those prepared, handed over once)."""
@@ -252,7 +262,9 @@ class Session:
 
     def record_clocks(self, worked: dict | None = None, warn_gone: bool = False) -> None:
         """Record, for each repository, what lost its last reference (GC clocks)."""
-        for repo, (clocks_file, clocks, result) in (worked or self.work_out_clocks()).items():
+        if worked is None:
+            worked = self.work_out_clocks()
+        for repo, (clocks_file, clocks, result) in worked.items():
             clocks_file.save(clocks)
             self.ctx.collections[repo] = result
             for name in result.gone if warn_gone else ():

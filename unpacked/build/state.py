@@ -192,7 +192,8 @@ class State:
         except (OSError, sqlite3.Error) as exc:
             raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
                 from None
-        self.writes += 1
+        with self._lock:
+            self.writes += 1
         if self.whole:
             entries = self._entries()
             with self._lock:
@@ -202,7 +203,8 @@ class State:
         if not self.writable or self._get(key) is None:
             return
         self.cache.delete(key)
-        self.writes += 1
+        with self._lock:
+            self.writes += 1
         if self.whole:
             entries = self._entries()
             with self._lock:
@@ -228,7 +230,7 @@ class State:
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
         if known is not None and self.whole and not with_bytes:
-            known = self._keep_parsed(key, known)
+            known = self._keep_parsed(key, known, replace=False)
         return known
 
     def put_resolved(self, resolved: Resolved) -> None:
@@ -237,16 +239,22 @@ class State:
             return                                   # unchanged: nothing written
         self._set(key, resolved.to_dict())
         if self.whole:
-            self._keep_parsed(key, resolved)
+            self._keep_parsed(key, resolved, replace=True)
 
-    def _keep_parsed(self, key: str, resolved: Resolved) -> Resolved:
+    def _keep_parsed(self, key: str, resolved: Resolved, replace: bool) -> Resolved:
         """Keep the parsed, light form alone: the raw copy and the documents' bytes are dead
-        weight here (the largest part of a run's memory, with many images)."""
-        kept = self._parsed[key] = resolved.light()
+        weight here (the largest part of a run's memory, with many images). A reader
+        (``replace`` False) keeps what it parsed only if no thread kept an entry meanwhile:
+        it may have read the raw entry just before a resolve wrote a newer one."""
+        light = resolved.light()
         entries = self._entries()
         with self._lock:
+            if replace:
+                self._parsed[key] = light
+            else:
+                light = self._parsed.setdefault(key, light)
             entries.pop(key, None)
-        return kept
+        return light
 
     def tags(self, name: str) -> list[str] | None:
         got = self._get(self._key("tags", name))

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import threading
@@ -79,6 +80,9 @@ def _causes(exc: BaseException, depth: int = 0):
         todo += [getattr(current, "reason", None), current.__cause__, current.__context__]
 
 
+_OBJECT = re.compile(r"<[^<>]{0,200} object at 0x[0-9a-fA-F]+>:? ?")
+
+
 def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:
     """A short human reason for a failed connection, and whether trying again can help."""
     causes = list(_causes(exc))
@@ -105,7 +109,8 @@ def network_problem(exc: BaseException, host: str) -> tuple[str, bool]:
         if isinstance(c, ConnectionResetError) or "reset by peer" in str(c):
             return f"{host}: connection reset", True
         if isinstance(c, NewConnectionError | ProtocolError):
-            return f"cannot reach {host}: {sanitize(c, 80)}", True
+            # urllib3 opens with its connection object's repr: an address that changes each run
+            return f"cannot reach {host}: {sanitize(_OBJECT.sub('', str(c)), 80)}", True
     return f"cannot reach {host}: {sanitize(type(exc).__name__)}", True
 
 
