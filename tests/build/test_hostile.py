@@ -257,3 +257,26 @@ def test_a_layer_that_fails_fails_each_image_it_serves_with_its_reason(site, hos
         lines = [x for x in unstamped(done.stdout) if f"failed {hostile.host}/{name}" in x]
         assert len(lines) == 1, done.stdout
         assert f"blob {sha(layer)}" in lines[0] and "transfer failed" in lines[0], lines[0]
+
+
+def test_a_flat_image_that_fails_fails_each_image_it_serves_with_its_reason(site, hostile):
+    """Three images share a layer; one's config tells its diff_id true, so the layer is
+    ingested; the other two share a config that lies about it: their one flat image is
+    refused, each of the two gives its reason (the flat image's, which their own link checks
+    repeat), nothing is published for them, and the third is added."""
+    layer = tar_bytes([Entry("x", b"x")])
+    lie = "sha256:" + "0" * 64
+    good = valid_image(layer, sha(layer))
+    bad = valid_image(layer, lie)
+    hostile.image("evil/good", "v1", *good, {sha(layer): layer})
+    for name in ("evil/one", "evil/two"):
+        hostile.image(name, "v1", *bad, {sha(layer): layer})
+    site.recipe([f"http://{hostile.host}/evil/{n}:v1" for n in ("good", "one", "two")])
+    done = site.doit()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 added" in done.stdout and "2 failed" in done.stdout, done.stdout
+    for name in ("evil/one:v1", "evil/two:v1"):
+        lines = [x for x in unstamped(done.stdout) if f"failed {hostile.host}/{name}" in x]
+        assert len(lines) == 1, done.stdout
+        assert f"diff_id {lie}" in lines[0] and "its config says" in lines[0], lines[0]
+    assert not (site.repo_root / hostile.host / "evil/one:v1").exists()
