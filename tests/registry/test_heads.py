@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from helpers.hostile import Answer
 
 from unpacked.registry.heads import Heads
@@ -58,3 +59,69 @@ def test_only_plain_paths_are_asked(hostile):
     assert lean.head(f"http://{hostile.host}/v2/a/manifests/v1", {"X-Bad": "a\r\nb: c"}) \
         is None, "a header that would split the request is refused, not sent"
     assert not [r for r in hostile.requests if "X-Bad" in r[2] or "b" in r[2]]
+
+
+SPOILS = {
+    "a folded header line": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  folded\r\n",
+    "the digest twice": b"HTTP/1.1 200 OK\r\nDocker-Content-Digest: sha256:" + b"b" * 64 +
+                        b"\r\n",
+    "bytes after the headers": b"HTTP/1.1 200 OK\r\n",
+    "an interim status": b"HTTP/1.1 100 Continue\r\n",
+    "HTTP/2 spoken": b"HTTP/2 200\r\n",
+    "a space before the colon": b"HTTP/1.1 200 OK\r\nX-A : 1\r\n",
+    "a control character": b"HTTP/1.1 200 OK\r\nX-A: a\x1b[2Jb\r\n",
+    "101 header lines": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i
+                                                      for i in range(100)),
+    "cut mid-header": b"HTTP/1.1 200 OK\r\nDocker-Con",
+}
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+def test_an_answer_that_is_not_strictly_a_head_answer_is_not_taken(hostile, spoil):
+    """Read strictly here: anything http.client would take in its stride (a folded line, a
+    second digest, a body) or not (HTTP/2, 101 lines) sends the caller to the full path,
+    and the connection is not kept."""
+    def answer(h):
+        h.wfile.write(SPOILS[spoil])
+        if spoil == "cut mid-header":
+            h.close_connection = True
+            return
+        h.wfile.write(f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0\r\n\r\n".encode())
+        if spoil == "bytes after the headers":
+            h.wfile.write(b"surprise")
+    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    lean = heads()
+    assert lean.head(f"http://{hostile.host}/v2/a/manifests/v1", {}) is None
+    assert not any(lean._idle.values()), "a connection that answered so is not kept"
+
+
+def test_a_plain_answer_is_read_and_its_connection_kept_or_closed_as_it_says(hostile):
+    def answer(close: bool):
+        def write(h):
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nServer: x\r\nDate: a\r\nDate: b\r\n"
+                          b"docker-content-digest:\t" + DIGEST.encode() + b" \r\n" +
+                          (b"Connection: close\r\n" if close else b"") +
+                          b"Content-Length: 1234\r\n\r\n")
+            h.close_connection = close
+        return write
+    for close in (False, True):
+        hostile.on("HEAD", "/manifests/", Answer(write=answer(close)))
+        lean = heads()
+        status, got = lean.head(f"http://{hostile.host}/v2/a/manifests/v1", {"Accept": "x/y"})
+        assert status == 200 and got["Docker-Content-Digest"] == DIGEST
+        assert got.get("date") == "a", "the first of a header sent twice, but the digest"
+        assert bool(any(lean._idle.values())) is not close
+    sent = [r for r in hostile.requests if r[0] == "HEAD"][-1]
+    assert sent[2].get("Accept") == "x/y" and sent[2].get("User-Agent") == "test"
+
+
+def test_a_request_that_could_be_split_is_never_sent(hostile):
+    hostile.on("HEAD", "/manifests/", Answer(200, {"Docker-Content-Digest": DIGEST}))
+    lean = heads()
+    for headers, path in (({"Authorization": "Bearer a\nX-Injected: 1"}, "/v2/a/manifests/v1"),
+                          ({"Bad Name": "v"}, "/v2/a/manifests/v1"),
+                          ({"Authorization": "Bearer \u00e9"}, "/v2/a/manifests/v1"),
+                          ({}, "/v2/a/manifests/v1%20x HTTP/1.1\r\nX: y"),
+                          ({}, "/v2/a b/manifests/v1")):
+        assert lean.head(f"http://{hostile.host}{path}", headers) is None
+    assert not [r for r in hostile.requests if r[0] == "HEAD"], "nothing was sent"

@@ -2,23 +2,115 @@
 
 A no-op run is one HEAD per image, and on two cores the client's own CPU per HEAD decides
 how close the run comes to the registry's speed: a bare urllib3 pool spends 0.45 ms on one,
-``http.client`` 0.25 ms (2,000 HEADs to the bench's registry, 8 threads). Only the common answer
-is taken from here; anything else (an error, a redirect, a 401, a retryable status, a CA
-bundle that does not load) makes the caller ask again on the full path, with its retries,
-auth answers and messages. The same rules hold as there: TLS verified against the same CA
-bundle, the same timeouts, every answer's headers bounded in time by a ``Deadline``,
-http.client's own caps on header lines and counts.
+``http.client``'s request and response 0.20 ms, the request written and the answer's head read
+here 0.05 ms (2,000 HEADs to the bench's registry, measured). ``http.client`` still makes the
+connections (TLS verified against the same CA bundle, the same timeouts); the answer is read
+strictly and bounded: an HTTP/1.x status line, at most ``MAX_HEAD`` bytes of headers, no folded
+lines, nothing after them, every answer's headers bounded in time by a ``Deadline``. Only the
+common answer is taken from here; anything else (an error, a redirect, a 401, a retryable
+status, an answer read no further, a CA bundle that does not load) makes the caller ask again
+on the full path, with its retries, auth answers and messages.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import ssl
 import threading
 from urllib.parse import urlsplit
 
 from .retry import Deadline, using
+
+MAX_HEAD = 64 * 1024                # bytes of an answer's status line and headers
+MAX_HEADERS = 100                   # header lines of one answer (http.client's own cap)
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")           # RFC 9110's token
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")                   # in a path: never sent
+_READ = ("docker-content-digest", "connection", "retry-after")   # what the caller reads
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")         # in a header value
+
+
+class Headers(dict):
+    """An answer's headers by lower-cased name."""
+
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+
+class Unusable(Exception):
+    """An answer read no further: the caller takes the full path."""
+
+
+def request_bytes(netloc: str, path: str, headers: dict[str, str]) -> bytes | None:
+    """The HEAD request, or None when a part could split it or is not plain ASCII (a token
+    the registry handed out is not trusted to be a header value)."""
+    if not path.startswith("/") or _UNSAFE.search(path) or _UNSAFE.search(netloc):
+        return None
+    lines = [f"HEAD {path} HTTP/1.1", f"Host: {netloc}"]
+    for name, value in headers.items():
+        if not _NAME.fullmatch(name) or _CONTROL.search(value):
+            return None
+        lines.append(f"{name}: {value}")
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    except UnicodeEncodeError:
+        return None
+
+
+def read_answer(sock) -> tuple[int, Headers, bool]:
+    """(status, headers, the connection may be kept) of a HEAD's answer on ``sock``. Raises
+    ``http.client.RemoteDisconnected`` when the registry closed before a byte (an idle
+    connection it dropped), ``Unusable`` for anything not strictly an answer's head."""
+    return parse_head(_receive_head(sock))
+
+
+def _receive_head(sock) -> bytes:
+    """The answer's status line and headers, without the blank line that ends them."""
+    buf = b""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(buf) > MAX_HEAD:
+            raise Unusable("headers too long")
+        chunk = sock.recv(16384)
+        if not chunk:
+            if not buf:
+                raise http.client.RemoteDisconnected("closed before an answer")
+            raise Unusable("cut short")
+        buf += chunk
+    if end + 4 != len(buf) or end > MAX_HEAD:
+        raise Unusable("more than a HEAD's answer")     # a HEAD's answer has no body
+    return buf[:end]
+
+
+def parse_head(head: bytes) -> tuple[int, Headers, bool]:
+    first, *lines = head.split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        raise Unusable("too many headers")
+    status = _STATUS.fullmatch(first)
+    if status is None or status[2].startswith(b"1"):
+        raise Unusable("not an HTTP/1.x final status line")
+    headers = Headers()
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        text = name.decode("ascii", "replace")
+        if not colon or not _NAME.fullmatch(text) or _CONTROL.search(
+                value.decode("latin-1")):
+            raise Unusable("a malformed header line")   # folded lines included
+        key = text.lower()
+        if key in headers:
+            if key in _READ:
+                raise Unusable(f"{text} twice")         # which one would be meant?
+            continue                                    # Date twice (a proxy's, upstream's)
+        headers[key] = value.decode("latin-1").strip(" \t")
+    keep = status[1] == b"1" and headers.get("Connection", "").lower() != "close"
+    return int(status[2]), headers, keep
 
 
 class Heads:
@@ -55,19 +147,22 @@ class Heads:
                 return
         conn.close()
 
-    def head(self, url: str, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage] \
-            | None:
+    def head(self, url: str, headers: dict[str, str]) -> tuple[int, Headers] | None:
         """(status, headers) of a HEAD of ``url``, or None when it did not come back whole."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or parts.query or parts.fragment:
             return None
+        request = request_bytes(parts.netloc, parts.path,
+                                {"User-Agent": self.user_agent, **headers})
+        if request is None:
+            return None
         for _ in range(2):
-            again, answer = self._once(parts.scheme, parts.netloc, parts.path, headers)
+            again, answer = self._once(parts.scheme, parts.netloc, request)
             if answer is not None or not again:
                 return answer
         return None     # an idle connection the registry had closed, then a fresh one failed
 
-    def _once(self, scheme: str, netloc: str, path: str, headers: dict[str, str]):
+    def _once(self, scheme: str, netloc: str, request: bytes):
         """(worth another try on a fresh connection, the answer or None)."""
         conn = reused = None
         try:
@@ -78,10 +173,9 @@ class Heads:
                 if not reused:
                     conn.connect()
                     conn.sock.settimeout(self.read_timeout)
-                conn.request("HEAD", path, headers={"User-Agent": self.user_agent, **headers})
-                resp = conn.getresponse()
-                resp.read()
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+                conn.sock.sendall(request)
+                status, got, keep = read_answer(conn.sock)
+        except (OSError, ValueError, http.client.HTTPException, Unusable) as exc:
             if conn is not None:
                 conn.close()
             # only a connection the registry closed while it sat idle is worth a new one
@@ -91,8 +185,11 @@ class Heads:
         if watch.fired:             # cut mid-header: what arrived is not an answer
             conn.close()
             return False, None
-        self._give(scheme, netloc, conn)
-        return False, (resp.status, resp.msg)
+        if keep:
+            self._give(scheme, netloc, conn)
+        else:
+            conn.close()
+        return False, (status, got)
 
     def close(self) -> None:
         """Close the idle connections (the next HEAD opens new ones)."""
