@@ -3,6 +3,7 @@ its connections few, survives a registry that drops idle ones, and never raises.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -71,7 +72,8 @@ SPOILS = {
     "a space before the colon": b"HTTP/1.1 200 OK\r\nX-A : 1\r\n",
     "a control character": b"HTTP/1.1 200 OK\r\nX-A: a\x1b[2Jb\r\n",
     "101 header lines": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i
-                                                      for i in range(100)),
+                                                      for i in range(99)),
+    "64 KiB of headers": b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (64 << 10) + b"\r\n",
     "cut mid-header": b"HTTP/1.1 200 OK\r\nDocker-Con",
 }
 
@@ -82,13 +84,12 @@ def test_an_answer_that_is_not_strictly_a_head_answer_is_not_taken(hostile, spoi
     second digest, a body) or not (HTTP/2, 101 lines) sends the caller to the full path,
     and the connection is not kept."""
     def answer(h):
-        h.wfile.write(SPOILS[spoil])
         if spoil == "cut mid-header":
+            h.wfile.write(SPOILS[spoil])
             h.close_connection = True
             return
-        h.wfile.write(f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0\r\n\r\n".encode())
-        if spoil == "bytes after the headers":
-            h.wfile.write(b"surprise")
+        h.wfile.write(SPOILS[spoil] + f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0"
+                      "\r\n\r\n".encode() + (b"surprise" if "after" in spoil else b""))
     hostile.on("HEAD", "/manifests/", Answer(write=answer))
     lean = heads()
     assert lean.head(f"http://{hostile.host}/v2/a/manifests/v1", {}) is None
@@ -122,6 +123,49 @@ def test_a_request_that_could_be_split_is_never_sent(hostile):
                           ({"Bad Name": "v"}, "/v2/a/manifests/v1"),
                           ({"Authorization": "Bearer \u00e9"}, "/v2/a/manifests/v1"),
                           ({}, "/v2/a/manifests/v1%20x HTTP/1.1\r\nX: y"),
-                          ({}, "/v2/a b/manifests/v1")):
+                          ({}, "/v2/a b/manifests/v1"),
+                          ({}, "/v2/a\x7fb/manifests/v1"),
+                          ({"Host": "elsewhere"}, "/v2/a/manifests/v1")):
         assert lean.head(f"http://{hostile.host}{path}", headers) is None
     assert not [r for r in hostile.requests if r[0] == "HEAD"], "nothing was sent"
+
+
+def test_bytes_sent_late_on_an_idle_connection_are_never_the_next_answer(hostile):
+    """A registry that sends, after an answer, a second one nobody asked for: the next HEAD
+    does not take it for its own (its connection is dropped, a fresh one asked)."""
+    stray = f"sha256:{'e' * 64}"
+
+    def answer(h):
+        h.wfile.write(f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {DIGEST}\r\n"
+                      "Content-Length: 0\r\n\r\n".encode())
+        h.wfile.flush()
+        time.sleep(0.2)
+        h.wfile.write(f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {stray}\r\n"
+                      "Content-Length: 0\r\n\r\n".encode())
+    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    lean = heads()
+    url = f"http://{hostile.host}/v2/a/manifests/v1"
+    assert lean.head(url, {})[1]["Docker-Content-Digest"] == DIGEST
+    time.sleep(0.5)                                 # the stray answer is there by now
+    assert lean.head(url, {})[1]["Docker-Content-Digest"] == DIGEST
+
+
+def test_an_answer_dripped_a_byte_at_a_time_is_read_whole():
+    """Read a byte per ``recv``, the blank line that ends the head is still found where it
+    is, whichever pieces it spans (each piece is searched once, with the three bytes before
+    it)."""
+    from unpacked.registry.heads import read_answer
+    head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 3_000 + b"\r\nX-B: 1\r\n\r\n"
+
+    class Drip:
+        def __init__(self, size: int):
+            self.at, self.size = 0, size
+
+        def recv(self, n):
+            piece = head[self.at:self.at + self.size]
+            self.at += len(piece)
+            return piece
+
+    for size in (1, 2, 3, 5, 4096):
+        status, got, keep = read_answer(Drip(size))
+        assert (status, len(got["X-Pad"]), got["x-b"], keep) == (200, 3_000, "1", True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import select
 import ssl
 import threading
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ MAX_HEADERS = 100                   # header lines of one answer (http.client's 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
 _NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")           # RFC 9110's token
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")                   # in a path: never sent
+_OURS = ("host", "content-length", "transfer-encoding", "connection")  # never a caller's
 _READ = ("docker-content-digest", "connection", "retry-after")   # what the caller reads
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")         # in a header value
 
@@ -53,7 +55,8 @@ def request_bytes(netloc: str, path: str, headers: dict[str, str]) -> bytes | No
         return None
     lines = [f"HEAD {path} HTTP/1.1", f"Host: {netloc}"]
     for name, value in headers.items():
-        if not _NAME.fullmatch(name) or _CONTROL.search(value):
+        if not isinstance(value, str) or not _NAME.fullmatch(name) or _CONTROL.search(value) \
+                or name.lower() in _OURS:
             return None
         lines.append(f"{name}: {value}")
     try:
@@ -70,12 +73,11 @@ def read_answer(sock) -> tuple[int, Headers, bool]:
 
 
 def _receive_head(sock) -> bytes:
-    """The answer's status line and headers, without the blank line that ends them."""
-    buf = b""
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            break
+    """The answer's status line and headers, without the blank line that ends them (each
+    piece searched once: a registry that sends a byte at a time costs no more)."""
+    buf = bytearray()
+    end = -1
+    while end < 0:
         if len(buf) > MAX_HEAD:
             raise Unusable("headers too long")
         chunk = sock.recv(16384)
@@ -84,9 +86,10 @@ def _receive_head(sock) -> bytes:
                 raise http.client.RemoteDisconnected("closed before an answer")
             raise Unusable("cut short")
         buf += chunk
+        end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
     if end + 4 != len(buf) or end > MAX_HEAD:
         raise Unusable("more than a HEAD's answer")     # a HEAD's answer has no body
-    return buf[:end]
+    return bytes(buf[:end])
 
 
 def parse_head(head: bytes) -> tuple[int, Headers, bool]:
@@ -109,8 +112,22 @@ def parse_head(head: bytes) -> tuple[int, Headers, bool]:
                 raise Unusable(f"{text} twice")         # which one would be meant?
             continue                                    # Date twice (a proxy's, upstream's)
         headers[key] = value.decode("latin-1").strip(" \t")
-    keep = status[1] == b"1" and headers.get("Connection", "").lower() != "close"
+    tokens = {t.strip() for t in headers.get("Connection", "").lower().split(",")}
+    keep = status[1] == b"1" and "close" not in tokens
     return int(status[2]), headers, keep
+
+
+def _waiting(sock) -> bool:
+    """Something to read on an idle connection: bytes sent late (they would be taken for the
+    next request's answer) or its end."""
+    if sock is None or isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        poller = select.poll()          # not select(): no limit on the descriptor's number
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 class Heads:
@@ -129,8 +146,11 @@ class Heads:
     def _take(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         with self._lock:
             idle = self._idle.get((scheme, netloc))
-            if idle:
-                return idle.pop()
+            while idle:
+                conn = idle.pop()
+                if not _waiting(conn.sock):
+                    return conn
+                conn.close()    # bytes no request asked for, or the registry's close
             if scheme == "https" and self._tls is None:
                 where = {"capath" if os.path.isdir(self.ca_file) else "cafile": self.ca_file}
                 self._tls = ssl.create_default_context(**where)
@@ -149,7 +169,10 @@ class Heads:
 
     def head(self, url: str, headers: dict[str, str]) -> tuple[int, Headers] | None:
         """(status, headers) of a HEAD of ``url``, or None when it did not come back whole."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return None
         if parts.scheme not in ("http", "https") or parts.query or parts.fragment:
             return None
         request = request_bytes(parts.netloc, parts.path,
@@ -164,7 +187,7 @@ class Heads:
 
     def _once(self, scheme: str, netloc: str, request: bytes):
         """(worth another try on a fresh connection, the answer or None)."""
-        conn = reused = None
+        conn = reused = watch = None
         try:
             conn = self._take(scheme, netloc)
             reused = conn.sock is not None
@@ -179,8 +202,9 @@ class Heads:
             if conn is not None:
                 conn.close()
             # only a connection the registry closed while it sat idle is worth a new one
+            # (not one the deadline cut: that registry had its time)
             stale = isinstance(exc, http.client.RemoteDisconnected | BrokenPipeError |
-                               ConnectionResetError)
+                               ConnectionResetError) and not (watch and watch.fired)
             return bool(reused and stale), None
         if watch.fired:             # cut mid-header: what arrived is not an answer
             conn.close()
