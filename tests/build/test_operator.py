@@ -478,3 +478,26 @@ def test_what_breaks_doits_runner_fails_the_run_and_says_what(tmp_path, capsys):
     assert "Traceback" in err           # a bug of ours: its traceback, for the report
     run = json.loads((settings.cache_dir / "status.json").read_text())["last_limited_run"]
     assert run["exit_code"] == 3 and any("the run broke" in e for e in run["errors"])
+
+
+def test_ending_the_workers_copes_with_one_already_ended(tmp_path):
+    """doit's own process workers (``-P process``) may have ended, unreaped, when the run
+    ends its children: asking each whether it is alive drops the ended one from
+    multiprocessing's set, which must not be the set being walked (it raised 'Set changed
+    size during iteration' at the run's end, and the run exited 3)."""
+    import multiprocessing
+    import time
+
+    from unpacked.build.context import Context
+    from unpacked.build.session import Session
+    from unpacked.recipe import RecipeSet
+    from unpacked.settings import load
+    settings = load({"cache": str(tmp_path / "cache"), "root": str(tmp_path / "cvmfs"),
+                     "recipes": str(tmp_path / "r")}, environ={}, project=tmp_path)
+    session = Session(Context(settings, RecipeSet([], [], [])), full=False)
+    ended = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+    ended.start()
+    time.sleep(0.5)                 # it has ended; nothing has reaped it yet
+    assert ended in multiprocessing.process._children
+    session.stop_workers()
+    assert ended.exitcode == 0 and ended not in multiprocessing.process._children

@@ -193,7 +193,8 @@ class Session:
         self.closing = True
         if self.ctx.workers is not None:
             self.ctx.workers.stop()
-        children = [c for c in multiprocessing.process._children if c.is_alive()]
+        # a copy first: is_alive() drops an ended child from the very set being walked
+        children = [c for c in list(multiprocessing.process._children) if c.is_alive()]
         for child in children:
             child.terminate()
         said = False
