@@ -29,13 +29,13 @@ from requests.auth import AuthBase
 
 from ..errors import BadDocument, Unauthorized, UnpackedError, sanitize
 from .documents import MAX_TOKEN, parse_token
+from .heads import TOKEN
 from .retry import network_problem
 
 log = logging.getLogger(__name__)
 
 HUB_KEYS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_PARAM = re.compile(rf'\s*({_TOKEN})(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?\s*,?')
+_PARAM = re.compile(rf'\s*({TOKEN})(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?\s*,?')
 _REPO_PATH = re.compile(r"^/v2/(.+?)/(manifests|blobs|tags)/")
 MAX_CHALLENGE = 4096
 

@@ -27,7 +27,8 @@ from .retry import Deadline, using
 MAX_HEAD = 64 * 1024                # bytes of an answer's status line and headers
 MAX_HEADERS = 100                   # header lines of one answer (http.client's own cap)
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
-_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")           # RFC 9110's token
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"      # RFC 9110's token: a header's name (auth.py's too)
+_NAME = re.compile(TOKEN)
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")                   # in a path: never sent
 _OURS = ("host", "content-length", "transfer-encoding", "connection")  # never a caller's
 _READ = ("docker-content-digest", "connection", "retry-after")   # what the caller reads
