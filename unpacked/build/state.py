@@ -192,23 +192,25 @@ class State:
         except (OSError, sqlite3.Error) as exc:
             raise UnpackedError(f"cannot write the cache: {getattr(exc, 'strerror', exc)}") \
                 from None
-        with self._lock:
-            self.writes += 1
-        if self.whole:
-            entries = self._entries()
-            with self._lock:
-                entries[key] = value
+        self._changed(key, value)
 
     def _delete(self, key: str) -> None:
         if not self.writable or self._get(key) is None:
             return
         self.cache.delete(key)
+        self._changed(key, _MISSING)
+
+    def _changed(self, key: str, value) -> None:
+        """Count a write (``_MISSING``: a delete) and mirror it in the memo read whole."""
+        entries = self._entries() if self.whole else None
         with self._lock:
             self.writes += 1
-        if self.whole:
-            entries = self._entries()
-            with self._lock:
+            if entries is None:
+                return
+            if value is _MISSING:
                 entries.pop(key, None)
+            else:
+                entries[key] = value
 
     def resolved(self, name: str, with_bytes: bool = False) -> Resolved | None:
         """What ``name`` resolved to (the object is shared: read it, never change it). The
