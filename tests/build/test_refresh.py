@@ -69,6 +69,25 @@ def test_a_failing_meanwhile_leaves_the_threads_no_further_work():
     assert len(done) <= 2
 
 
+def test_an_item_that_raises_ends_the_work_and_is_raised():
+    """An item's error reaches the caller (not lost among ten thousand results), and the
+    threads take no further item after it; results otherwise come back in order."""
+    taken = []
+
+    def work(item: int) -> int:
+        taken.append(item)
+        if item == 3:
+            raise ValueError("item 3 is broken")
+        time.sleep(0.01)
+        return item
+
+    assert run_parallel(lambda x: -x, list(range(200)), 8) == [-x for x in range(200)]
+    with pytest.raises(ValueError, match="item 3 is broken"):
+        run_parallel(work, list(range(500)), 2)
+    time.sleep(0.3)
+    assert 3 in taken and len(taken) < 20
+
+
 def test_resolve_wildcards_and_failures(tmp_path, registry, layout, make_client, proxy):
     repo, other = unique("wild"), unique()
     for tag in ("1.0", "1.1", "2.0"):

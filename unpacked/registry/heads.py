@@ -145,13 +145,16 @@ class Heads:
         self._lock = threading.Lock()
 
     def _take(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:        # the look at the socket is made outside the lock
+                idle = self._idle.get((scheme, netloc))
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if not _waiting(conn.sock):
+                return conn
+            conn.close()    # bytes no request asked for, or the registry's close
         with self._lock:
-            idle = self._idle.get((scheme, netloc))
-            while idle:
-                conn = idle.pop()
-                if not _waiting(conn.sock):
-                    return conn
-                conn.close()    # bytes no request asked for, or the registry's close
             if scheme == "https" and self._tls is None:
                 where = {"capath" if os.path.isdir(self.ca_file) else "cafile": self.ca_file}
                 self._tls = ssl.create_default_context(**where)
