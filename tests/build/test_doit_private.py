@@ -71,6 +71,15 @@ def test_saved_values_command_line_variables_and_pruning(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.execute("delete from doit where task_id = 'broken'")
     keep = {"a", "seen"}
+    # from the rows as the run read them: the same rows go, the table is not read again
+    snapshot = doit_private.recorded_values(db)
+    assert doit_private.prune(db, keep | {"b"}, owner="mine", recorded=snapshot) == 0
+    assert doit_private.prune(db, keep, owner="another set", recorded=snapshot) == 0
+    assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(db.read_bytes())
+    assert doit_private.prune(copy, keep, owner="mine", recorded=snapshot) == 1
+    assert set(doit_private.recorded_values(copy)) == keep
     assert doit_private.prune(db, keep, owner="another set") == 0, "another set's rows stay"
     assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}
     assert doit_private.prune(db, keep, owner="mine") == 1

@@ -308,7 +308,8 @@ class Session:
             self.record_clocks()
         if self.full and task_names and not self.ctx.recipes.broken:
             doit_private.prune(self.ctx.settings.cache_dir / "doit.sqlite",
-                               task_names | self.omitted_tasks(), self.ctx.recipe_set_id)
+                               task_names | self.omitted_tasks(), self.ctx.recipe_set_id,
+                               self.ctx.plan.recorded)
 
     def report(self, record: dict) -> None:
         """status.json, the metrics file and DUCC's end notification (never fatal)."""

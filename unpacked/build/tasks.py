@@ -148,6 +148,9 @@ class _Unchecked(dict):
         return True, "not checked"
 
 
+# the task generators, in the order they are written below (doit orders them by line)
+KINDS = ("_txn", "layer", "flat", "platform", "image", "publish", "thin", "gc")
+
 GROUPS = {      # the group rows: all ``doit list`` shows of the tasks below them
     "layer": "Download, verify and unpack one layer into .layers/<hex>.",
     "flat": "Merge an image's layers into .flat/<config hex>, an Apptainer sandbox.",
@@ -186,18 +189,32 @@ class Tasks:
         self._deps_of: dict[str, list[str]] = {}
         self._repo_lists: dict[tuple, list[str]] = {}
         self._setups: dict[tuple, list[str]] = {}
+        self._made: dict[str, list] = {}
 
     def prepare(self) -> None:
-        """Work out every task's state now (a run does while its resolve waits)."""
+        """Work out every task's state now, and a bare run's tasks (a run does while its
+        resolve waits: doit then only takes them)."""
         if self.status:
             _ = self.busy_images
+        if self.due_only:
+            self._made = {kind: list(getattr(self, f"task_{kind}")()) for kind in KINDS}
 
     def namespace(self) -> dict:
         if self.groups_only:
             return {f"task_{name}": self._group_only(name, doc) for name, doc in GROUPS.items()}
-        return {f"task_{name}": getattr(self, f"task_{name}")
-                for name in ("_txn", "layer", "flat", "platform", "image", "gc", "publish",
-                             "thin")}
+        return {f"task_{kind}": self._creator(kind) for kind in KINDS}
+
+    def _creator(self, kind: str):
+        """The generator doit calls: the tasks ``prepare`` made (once), or made now."""
+        method = getattr(self, f"task_{kind}")
+        made = self._made.pop(kind, None)
+        if made is None:
+            return method
+
+        def replay():
+            yield from made
+        replay.__doc__ = method.__doc__
+        return replay
 
     def _group_only(self, kind: str, doc: str):
         """A generator of the group row alone (with its state when ``-s`` asks for it)."""
