@@ -228,10 +228,11 @@ class State:
             # before it drops the raw one
             return self._parsed.get(key)
         try:
-            known = Resolved.from_dict(got) if got else None
+            keep = self.whole and not with_bytes
+            known = Resolved.from_dict(got, light=keep) if got else None
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if known is not None and self.whole and not with_bytes:
+        if known is not None and keep:
             known = self._keep_parsed(key, known, replace=False)
         return known
 

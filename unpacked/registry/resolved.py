@@ -94,13 +94,16 @@ class Resolved:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Resolved:
+    def from_dict(cls, d: dict, light: bool = False) -> Resolved:
+        """The stored form read back; ``light``: made light at once (not copied after)."""
         images = []
         for x in d["images"]:
             x = dict(x)
             x.pop("config_doc", None)
-            x["manifest"] = x["manifest"].encode("utf-8", "surrogateescape")
-            x["config"] = x["config"].encode("utf-8", "surrogateescape")
+            for field in ("manifest", "config"):
+                if not isinstance(x[field], str):
+                    raise TypeError(f"{field} is not text")
+                x[field] = None if light else x[field].encode("utf-8", "surrogateescape")
             x["layers"] = [Layer(**{**layer, "urls": tuple(layer.get("urls") or ())})
                            for layer in x["layers"]]
             images.append(PlatformImage(**x))
