@@ -76,8 +76,10 @@ class TreeRss:
     smaps_rollup at each look took 15% of a core; smaps_rollup alone ~3 ms per 200 MiB):
     a process is found once, when its pid first shows up in /proc; the PSS is read when the
     tree changes and at least every 200 ms, and between two readings the growth of the
-    tree's resident pages is added to the last one (an upper bound: touched pages are
-    counted whole, even when shared)."""
+    tree's resident pages is added to the last one (new pages count whole, even shared
+    ones). A page a forked process copies on write adds to the PSS, not to the resident
+    pages: it is seen at the next reading, at most 200 ms later (it stays copied, so only
+    memory freed within that window could hide it)."""
 
     PSS_EVERY = 0.2
 

@@ -132,7 +132,7 @@ class Session:
 
     def _prepare_tasks(self) -> None:
         self._tasks = self.make_tasks()
-        self._tasks.prepare()
+        self._tasks.prepare(stale=lambda: self.ctx.state.writes != self._prepared_at)
 
     def tasks(self) -> Tasks:
         """The run's tasks (those prepared, handed over once)."""

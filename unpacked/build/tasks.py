@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from functools import cached_property
 
 from ..log import count
@@ -198,13 +199,19 @@ class Tasks:
         self._made: dict[str, list] = {}
         self._areas: dict[tuple[str, str], str] = {}
 
-    def prepare(self) -> None:
+    def prepare(self, stale: Callable[[], bool] = lambda: False) -> None:
         """Work out every task's state now, and a bare run's tasks (a run does while its
-        resolve waits: doit then only takes them)."""
+        resolve waits: doit then only takes them). Once ``stale`` says the state changed,
+        the tasks are not made (they will be, from the new state): the work would be lost."""
         if self.status:
             _ = self.busy_images
-        if self.due_only:
-            self._made = {kind: list(getattr(self, f"task_{kind}")()) for kind in KINDS}
+        if not self.due_only:
+            return
+        for kind in KINDS:
+            if stale():
+                self._made = {}
+                return
+            self._made[kind] = list(getattr(self, f"task_{kind}")())
 
     def namespace(self) -> dict:
         if self.groups_only:
