@@ -82,6 +82,7 @@ def test_an_item_that_raises_ends_the_work_and_is_raised():
         return item
 
     assert run_parallel(lambda x: -x, list(range(200)), 8) == [-x for x in range(200)]
+    assert run_parallel(lambda x: -x, [1, 2], 0) == [-1, -2], "no thread asked for: one"
     with pytest.raises(ValueError, match="item 3 is broken"):
         run_parallel(work, list(range(500)), 2)
     time.sleep(0.3)

@@ -121,7 +121,7 @@ def run_parallel(func: Callable, items: list, threads: int,
                     finished.set()
 
     if items:
-        for _ in range(min(threads, len(items))):
+        for _ in range(max(1, min(threads, len(items)))):
             threading.Thread(target=worker, daemon=True).start()
     else:
         finished.set()
