@@ -80,9 +80,12 @@ def test_saved_values_command_line_variables_and_pruning(tmp_path):
     copy.write_bytes(db.read_bytes())
     assert doit_private.prune(copy, keep, owner="mine", recorded=snapshot) == 1
     assert set(doit_private.recorded_values(copy)) == keep
-    assert doit_private.prune(db, keep, owner="another set") == 0, "another set's rows stay"
+    assert doit_private.prune(db, keep, owner="another set",
+                              recorded=doit_private.recorded_values(db)) == 0, \
+        "another set's rows stay"
     assert set(doit_private.recorded_values(db)) == {"a", "b", "seen"}
-    assert doit_private.prune(db, keep, owner="mine") == 1
+    assert doit_private.prune(db, keep, owner="mine",
+                              recorded=doit_private.recorded_values(db)) == 1
     assert set(doit_private.recorded_values(db)) == keep
 
 

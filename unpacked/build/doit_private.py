@@ -83,29 +83,17 @@ def recorded_values(path: Path) -> dict[str, dict]:
     return out
 
 
-def prune(path: Path, keep: set[str], owner: str, recorded: dict[str, dict] | None = None) -> int:
+def prune(path: Path, keep: set[str], owner: str, recorded: dict[str, dict]) -> int:
     """Delete doit's rows of tasks that no longer exist (doit never does): only rows this
     recipe set wrote (values ``set`` == ``owner``, or unmarked), never another set's.
-    ``recorded``: the rows as this run read them (``recorded_values``), when no other run can
-    have written since (the cache's run lock): then the table is not read again, and a run
-    with nothing stale does not open it (ten thousand images: 0.09 s at a no-op's end)."""
-    if not path.exists() or not keep:
+    ``recorded``: the rows as this run read them (``recorded_values``); no other run can have
+    written since (the cache's run lock), so the table is not read again, and a run with
+    nothing stale does not open it (ten thousand images: 0.09 s at a no-op's end)."""
+    stale = [task_id for task_id, values in recorded.items()
+             if task_id not in keep and values.get("set") in (None, owner)]
+    if not stale or not keep or not path.exists():
         return 0
-    if recorded is not None:
-        stale = [task_id for task_id, values in recorded.items()
-                 if task_id not in keep and values.get("set") in (None, owner)]
-        if not stale:
-            return 0
-    else:
-        stale = []
     with sqlite3.connect(path) as db:
-        if recorded is None:
-            # the recipe set each row was written for, cut out by SQLite (no JSON parsed)
-            for task_id, written_for in db.execute(
-                    "select task_id, case when json_valid(task_data) then "
-                    "json_extract(task_data, ?) end from doit", (f'$."{VALUES}".set',)):
-                if task_id not in keep and (written_for is None or written_for == owner):
-                    stale.append(task_id)
         db.executemany("delete from doit where task_id = ?", [(n,) for n in stale])
     return len(stale)
 
