@@ -169,3 +169,23 @@ def test_an_answer_dripped_a_byte_at_a_time_is_read_whole():
     for size in (1, 2, 3, 5, 4096):
         status, got, keep = read_answer(Drip(size))
         assert (status, len(got["X-Pad"]), got["x-b"], keep) == (200, 3_000, "1", True)
+
+
+def test_the_headers_of_each_request_are_its_own_though_their_checked_form_is_kept(hostile):
+    """The header block is checked once per registry and set of headers, and kept: a token
+    renewed mid-run is sent from then on, a refused header stays refused, and another
+    registry's requests name their own host."""
+    hostile.on("HEAD", "/manifests/", Answer(200, {"Docker-Content-Digest": DIGEST}))
+    lean = heads()
+    url = f"http://{hostile.host}/v2/a/manifests/v1"
+    for token in ("one", "two", "one"):
+        assert lean.head(url, {"Authorization": f"Bearer {token}"})[0] == 200
+    bad = {"Authorization": "Bearer a\r\nX-Injected: 1"}
+    assert lean.head(url, bad) is None and lean.head(url, bad) is None
+    port = hostile.host.rsplit(":", 1)[1]
+    assert lean.head(f"http://localhost:{port}/v2/a/manifests/v1", {})[0] == 200
+    sent = [r[2] for r in hostile.requests if r[0] == "HEAD"]
+    assert [s.get("Authorization") for s in sent] == \
+        ["Bearer one", "Bearer two", "Bearer one", None]
+    assert [s.get("Host") for s in sent] == [hostile.host] * 3 + [f"localhost:{port}"]
+    assert not [s for s in sent if "X-Injected" in s]

@@ -275,6 +275,8 @@ class RegistryAuth(AuthBase):
     def known_header(self, url: str, method: str) -> str | None:
         """The Authorization a request to ``url`` needs, if a past challenge tells (no I/O but
         the token cache)."""
+        if not self._known:         # no challenge yet (an open registry): nothing to look up
+            return None
         host = urlsplit(url).netloc
         if not self.trusted(host):
             return None

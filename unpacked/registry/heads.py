@@ -33,6 +33,8 @@ _UNSAFE = re.compile(r"[\x00-\x20\x7f]")                   # in a path: never se
 _OURS = ("host", "content-length", "transfer-encoding", "connection")  # never a caller's
 _READ = ("docker-content-digest", "connection", "retry-after")   # what the caller reads
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")         # in a header value
+_LINE = TOKEN.encode() + rb":[^\x00-\x08\x0a-\x1f\x7f]*"        # an answer's header line
+_HEADER_LINES = re.compile(_LINE + rb"(?:\r\n" + _LINE + rb")*")
 
 
 class Headers(dict):
@@ -49,12 +51,13 @@ class Unusable(Exception):
     """An answer read no further: the caller takes the full path."""
 
 
-def request_bytes(netloc: str, path: str, headers: dict[str, str]) -> bytes | None:
-    """The HEAD request, or None when a part could split it or is not plain ASCII (a token
-    the registry handed out is not trusted to be a header value)."""
-    if not path.startswith("/") or _UNSAFE.search(path) or _UNSAFE.search(netloc):
+def header_block(netloc: str, headers: dict[str, str]) -> bytes | None:
+    """A HEAD request's lines after the first, down to the blank line that ends it; None when
+    a part could split the request or is not plain ASCII (a token the registry handed out is
+    not trusted to be a header value)."""
+    if _UNSAFE.search(netloc):
         return None
-    lines = [f"HEAD {path} HTTP/1.1", f"Host: {netloc}"]
+    lines = [f"Host: {netloc}"]
     for name, value in headers.items():
         if not isinstance(value, str) or not _NAME.fullmatch(name) or _CONTROL.search(value) \
                 or name.lower() in _OURS:
@@ -62,6 +65,17 @@ def request_bytes(netloc: str, path: str, headers: dict[str, str]) -> bytes | No
         lines.append(f"{name}: {value}")
     try:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    except UnicodeEncodeError:
+        return None
+
+
+def request_line(path: str) -> bytes | None:
+    """``HEAD <path> HTTP/1.1``: an absolute path with neither a query, a fragment, nor a byte
+    that could split the request."""
+    if not path.startswith("/") or "?" in path or "#" in path or _UNSAFE.search(path):
+        return None
+    try:
+        return b"HEAD " + path.encode("ascii") + b" HTTP/1.1\r\n"
     except UnicodeEncodeError:
         return None
 
@@ -94,25 +108,26 @@ def _receive_head(sock) -> bytes:
 
 
 def parse_head(head: bytes) -> tuple[int, Headers, bool]:
-    first, *lines = head.split(b"\r\n")
-    if len(lines) > MAX_HEADERS:
-        raise Unusable("too many headers")
+    """Checked whole by one expression (a token, a colon, a value without control bytes, per
+    line: folded lines fail), then split: a no-op run reads ten thousand of these."""
+    first, sep, rest = head.partition(b"\r\n")
     status = _STATUS.fullmatch(first)
     if status is None or status[2].startswith(b"1"):
         raise Unusable("not an HTTP/1.x final status line")
     headers = Headers()
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        text = name.decode("ascii", "replace")
-        if not colon or not _NAME.fullmatch(text) or _CONTROL.search(
-                value.decode("latin-1")):
-            raise Unusable("a malformed header line")   # folded lines included
-        key = text.lower()
-        if key in headers:
-            if key in _READ:
-                raise Unusable(f"{text} twice")         # which one would be meant?
-            continue                                    # Date twice (a proxy's, upstream's)
-        headers[key] = value.decode("latin-1").strip(" \t")
+    if sep:
+        if rest.count(b"\r\n") >= MAX_HEADERS:
+            raise Unusable("too many headers")
+        if _HEADER_LINES.fullmatch(rest) is None:
+            raise Unusable("a malformed header line")
+        for line in rest.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            key = name.lower()
+            if key in headers:
+                if key in _READ:
+                    raise Unusable(f"{name} twice")     # which one would be meant?
+                continue                                # Date twice (a proxy's, upstream's)
+            headers[key] = value.strip(" \t")
     tokens = {t.strip() for t in headers.get("Connection", "").lower().split(",")}
     keep = status[1] == b"1" and "close" not in tokens
     return int(status[2]), headers, keep
@@ -142,6 +157,7 @@ class Heads:
             ca_file, idle
         self._tls: ssl.SSLContext | None = None
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
+        self._blocks: dict[tuple, tuple[str, str, bytes] | None] = {}
         self._lock = threading.Lock()
 
     def _take(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
@@ -173,21 +189,42 @@ class Heads:
 
     def head(self, url: str, headers: dict[str, str]) -> tuple[int, Headers] | None:
         """(status, headers) of a HEAD of ``url``, or None when it did not come back whole."""
-        try:
-            parts = urlsplit(url)
-        except ValueError:
+        cut = url.find("/", url.find("://") + 3) if "://" in url else -1
+        if cut < 0:
             return None
-        if parts.scheme not in ("http", "https") or parts.query or parts.fragment:
+        base, first = url[:cut], request_line(url[cut:])
+        where = self._block(base, headers)
+        if first is None or where is None:
             return None
-        request = request_bytes(parts.netloc, parts.path,
-                                {"User-Agent": self.user_agent, **headers})
-        if request is None:
-            return None
+        scheme, netloc, block = where
+        request = first + block
         for _ in range(2):
-            again, answer = self._once(parts.scheme, parts.netloc, request)
+            again, answer = self._once(scheme, netloc, request)
             if answer is not None or not again:
                 return answer
         return None     # an idle connection the registry had closed, then a fresh one failed
+
+    def _block(self, base: str, headers: dict[str, str]) -> tuple[str, str, bytes] | None:
+        """(scheme, netloc, header block) of requests to ``base`` (``scheme://netloc``) with
+        ``headers``: checked once, not per HEAD (the few forms a run sends, kept)."""
+        key = (base, *headers.items())
+        known = self._blocks.get(key, False)
+        if known is not False:
+            return known
+        try:
+            parts = urlsplit(base)
+        except ValueError:
+            parts = None
+        block = None
+        if parts is not None and parts.scheme in ("http", "https") and parts.netloc and \
+                not (parts.path or parts.query or parts.fragment):
+            block = header_block(parts.netloc, {"User-Agent": self.user_agent, **headers})
+        known = (parts.scheme, parts.netloc, block) if block is not None else None
+        with self._lock:
+            if len(self._blocks) >= 64:     # a token renewed now and then: a few at most
+                self._blocks.clear()
+            self._blocks[key] = known
+        return known
 
     def _once(self, scheme: str, netloc: str, request: bytes):
         """(worth another try on a fresh connection, the answer or None)."""
