@@ -31,3 +31,7 @@ def test_quick_benchmark_runs(tmp_path):
     assert "WAS opened by a no-op run" not in text
     amplification = text.split("a new image on a converted base: ")[1].split(" files")[0]
     assert int(amplification.replace(",", "")) > 0, "the new image's files were counted"
+    assert "each cold run's folder" in text
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts, "every run's filesystem is unmounted at the end"
+    assert not list((tmp_path / "work").glob(".*.img")), "and its image deleted"
