@@ -129,3 +129,30 @@ def test_wildcard_listing_failure_keeps_last_expansion(tmp_path, registry, layou
     outcomes, problems = Refresher(make_client(), state).run(recipes, AMD64)
     assert [o.wanted.ref.tag for o in outcomes] == ["1.0"]
     assert len(problems) == 1 and "403" in problems[0] and "r.yaml:4" in problems[0]
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_heads_made_before_the_state_is_read_are_settled_after(tmp_path, registry, layout,
+                                                               make_client, proxy, read_first):
+    """The HEADs start before the state is read (a run's main thread reads it meanwhile):
+    answers that come before it are kept and settled after, those after it at once. Either
+    way an unmoved tag costs its HEAD alone, and a moved one is resolved anew."""
+    repo = unique("early")
+    for tag in ("a", "b", "c"):
+        push_simple(registry, layout, repo, tag)
+    recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:a", f"{repo}:b", f"{repo}:c",
+                                                 f"{repo}:absent"])
+    first, _ = Refresher(make_client(), State(tmp_path / "cache")).run(recipes, AMD64)
+    push_simple(registry, layout, repo, "b", files={"moved.txt": b"b moved"})
+    proxy.clear()
+    state = State(tmp_path / "cache")         # nothing read yet, as at a run's start
+    meanwhile = (lambda: state.resolved(f"{proxy.host}/{repo}:a")) if read_first \
+        else (lambda: None)
+    outcomes, _ = Refresher(make_client(), state).run(recipes, AMD64, meanwhile=meanwhile)
+    by_tag = {o.wanted.ref.tag: o for o in outcomes}
+    assert [by_tag[t].changed for t in "abc"] == [False, True, False]
+    assert by_tag["b"].resolved.top_digest != first[1].resolved.top_digest
+    assert by_tag["a"].resolved == first[0].resolved
+    assert "MANIFEST_UNKNOWN" in by_tag["absent"].error
+    assert proxy.count("HEAD") == 4, "one HEAD per image, none again after the state is read"
+    assert proxy.count("GET", "/manifests/") == 2     # the moved tag's, the absent tag's reason

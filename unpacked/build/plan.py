@@ -17,7 +17,7 @@ from ..recipe import Input, Recipe
 from ..reference import ImageRef
 from ..registry.resolved import Layer, PlatformImage, Resolved
 from ..repo import gc
-from ..repo.layout import MULTIARCH, Repository, public_target
+from ..repo.layout import MULTIARCH, Repository, hex_of, public_target
 from . import doit_private
 from .refresh import expand
 
@@ -71,6 +71,7 @@ SOURCES = 8         # the images a layer's ingest may fetch it through, in recip
 @dataclass(slots=True)
 class LayerPlan:
     digest: str
+    task: str                    # ``layer:<hex>``, named once (states, deps, generators)
     # (url, layer) of the first SOURCES images that have it: the ingest's arguments as they are
     sources: list[tuple[str, Layer]] = field(default_factory=list)
     repos: set[str] = field(default_factory=set)
@@ -80,6 +81,7 @@ class LayerPlan:
 @dataclass(slots=True)
 class FlatPlan:
     config: str
+    task: str                    # ``flat:<hex>``
     name: str                    # the first image that needs it (for messages)
     image: PlatformImage
     repos: set[str] = field(default_factory=set)
@@ -159,14 +161,17 @@ def _add_image(plan: Plan, item: ImagePlan, image: PlatformImage) -> None:
     for layer in image.layers:
         entry = plan.layers.get(layer.digest)
         if entry is None:
-            entry = plan.layers[layer.digest] = LayerPlan(layer.digest)
+            entry = plan.layers[layer.digest] = LayerPlan(
+                layer.digest, doit_private.task_name("layer", hex_of(layer.digest)))
         if len(entry.sources) < SOURCES:
             entry.sources.append((item.ref.url, layer))
         entry.repos.add(item.repo)
         entry.images.append(item.name)
     flat = plan.flats.get(image.config_digest)
     if flat is None:
-        flat = plan.flats[image.config_digest] = FlatPlan(image.config_digest, item.name, image)
+        flat = plan.flats[image.config_digest] = FlatPlan(
+            image.config_digest, doit_private.task_name("flat", hex_of(image.config_digest)),
+            item.name, image)
     flat.repos.add(item.repo)
     flat.images.append(item)
 

@@ -43,6 +43,14 @@ class Wanted:
 
 
 @dataclass
+class Head:
+    """A HEAD's answer: the digest the tag points at (None: unsaid), or why it failed."""
+
+    top: str | None
+    error: UnpackedError | None = None
+
+
+@dataclass
 class Outcome:
     wanted: Wanted
     resolved: Resolved | None = None
@@ -164,11 +172,31 @@ class Refresher:
             return [], f"{item.ref}: no tag matches {item.ref.tag!r}"
         return matched, None
 
-    def resolve_one(self, wanted: Wanted) -> Outcome:
+    def head(self, wanted: Wanted) -> Outcome | Head:
+        """What the tag points at now (one HEAD), and the image's outcome when the state is
+        already read; else the answer, kept for later. The HEAD needs nothing of the state,
+        so the threads start at once; the run's main thread reads the state meanwhile (ten
+        thousand images: 0.14 s, which every thread used to wait for at its first image)."""
+        try:
+            if wanted.ref.digest:
+                got = Head(wanted.ref.digest)
+            else:
+                with self._limit(wanted.ref.api_host):
+                    got = Head(self.client.head_manifest(wanted.ref, wanted.ref.tag))
+        except UnpackedError as exc:
+            got = Head(None, exc)
+        return self.resolve_one(wanted, got) if self.state.read_whole else got
+
+    def resolve_one(self, wanted: Wanted, head: Head | None = None) -> Outcome:
+        """The image's outcome: from the state when ``head`` (its HEAD's answer, if made)
+        says the tag has not moved, else resolved anew."""
         known = self.state.resolved(wanted.name)
         try:
+            if head is not None and head.error is not None:
+                raise head.error
             with self._limit(wanted.ref.api_host):
-                resolved = self.client.resolve(wanted.ref, wanted.platforms, known)
+                resolved = self.client.resolve(wanted.ref, wanted.platforms, known,
+                                               head.top if head is not None else None)
         except UnpackedError as exc:
             gone = isinstance(exc, NotFound) and exc.status == 404
             reason = sanitize(exc, 500)
@@ -209,7 +237,10 @@ class Refresher:
             wanted.extend(Wanted(recipe, item, ref, platforms) for ref in _expanded(item, tags))
         wanted = merge_platforms(wanted)
         firsts = list({w.name: w for w in reversed(wanted)}.values())[::-1]
-        done = {o.wanted.name: o for o in run_parallel(self.resolve_one, firsts, threads,
-                                                           meanwhile)}
+        got = run_parallel(self.head, firsts, threads, meanwhile)
+        later = [(w, h) for w, h in zip(firsts, got, strict=True) if isinstance(h, Head)]
+        done = {o.wanted.name: o for o in got if isinstance(o, Outcome)}
+        done.update((o.wanted.name, o) for o in run_parallel(
+            lambda pair: self.resolve_one(*pair), later, threads))
         return [Outcome(w, done[w.name].resolved, done[w.name].error, done[w.name].changed)
                 for w in wanted], problems

@@ -128,6 +128,11 @@ class State:
         if self.cache is not None:
             self.cache.close()
 
+    @property
+    def read_whole(self) -> bool:
+        """Answers come from memory now (a reader that reads key by key: always)."""
+        return self._memo is not None or not self.whole
+
     def _entries(self) -> dict:
         with self._lock:
             if self._memo is None:

@@ -327,10 +327,10 @@ class Tasks:
         recorded = plan.recorded
         states: dict[str, tuple[bool, str]] = {}
         for digest, entry in plan.layers.items():
-            task = task_name("layer", hex_of(digest))
+            task = entry.task
             states[task] = layer_status(recorded.get(task, {}), digest, self._layer_dirs(entry))
-        for config, entry in plan.flats.items():
-            task = task_name("flat", hex_of(config))
+        for entry in plan.flats.values():
+            task = entry.task
             states[task] = flat_status(recorded.get(task, {}), self._flat_key(entry),
                                        self._flat_dirs(entry), self._forced(entry))
         for name, items in self.converted.items():
@@ -408,9 +408,9 @@ class Tasks:
     def _image_deps(self, name: str, items: list[ImagePlan]) -> list[str]:
         deps = self._deps_of.get(name)
         if deps is None:
-            images = items[0].images
-            deps = [task_name("flat", hex_of(i.config_digest)) for i in images]
-            deps += sorted({task_name("layer", hex_of(x.digest)) for i in images for x in i.layers})
+            images, plan = items[0].images, self.ctx.plan
+            deps = [plan.flats[i.config_digest].task for i in images]
+            deps += sorted({plan.layers[x.digest].task for i in images for x in i.layers})
             if items[0].multiarch:
                 deps += [task_name("platform", f"{name}#{i.platform}") for i in images]
             self._deps_of[name] = deps
@@ -442,7 +442,7 @@ class Tasks:
         plan, states = self.ctx.plan, self.states
         rows, oks = [], []
         for digest, entry in sorted(plan.layers.items()):
-            task = task_name("layer", hex_of(digest))
+            task = entry.task
             ok, why = states[task]
             oks.append(ok)
             if self._omit(task, ok):
@@ -470,7 +470,7 @@ class Tasks:
         rows, oks = [], []
         for config, entry in sorted(plan.flats.items()):
             image, repos = entry.image, self._repos(entry.repos)
-            task = task_name("flat", hex_of(config))
+            task = entry.task
             ok, why = states[task]
             oks.append(ok)
             if self._omit(task, ok):
@@ -478,8 +478,7 @@ class Tasks:
             key = self._flat_key(entry)
             row = {"name": hex_of(config),
                    "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
-                   "task_dep": self._deps(task_name("layer", hex_of(x.digest))
-                                          for x in image.layers),
+                   "task_dep": self._deps(plan.layers[x.digest].task for x in image.layers),
                    "uptodate": self._uptodate(ok, why),
                    "setup": self._setup(entry.repos),
                    "doc": f"{count(len(image.layers), 'layer')}, {image.platform}, "
@@ -508,7 +507,7 @@ class Tasks:
                     "name": task.split(":", 1)[1],
                     "actions": [(actions.link_platform,
                                  [self.ctx, name, image.config_digest, repos])],
-                    "task_dep": self._deps([task_name("flat", hex_of(image.config_digest))]),
+                    "task_dep": self._deps([self.ctx.plan.flats[image.config_digest].task]),
                     "uptodate": self._uptodate(ok, why),
                     "setup": self._setup(repos),
                     "doc": f"{multiarch_name(image.arch, name)} -> "

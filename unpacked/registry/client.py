@@ -272,12 +272,13 @@ class RegistryClient:
         return body, docs.media_type_of(body, content_type, what), digest
 
     def resolve(self, ref: ImageRef, wanted: tuple[str, ...],
-                known: Resolved | None = None) -> Resolved:
+                known: Resolved | None = None, top: str | None = None) -> Resolved:
         """Resolve a tag or digest to the image manifest of each platform asked for.
 
-        With ``known`` (the last result for this input) an unchanged tag costs one HEAD.
+        With ``known`` (the last result for this input) an unchanged tag costs one HEAD;
+        with ``top`` too (what a HEAD just said the tag points at), none.
         """
-        top = ref.digest or self.head_manifest(ref, ref.tag)
+        top = ref.digest or top or self.head_manifest(ref, ref.tag)
         if known is not None and top is not None and known.top_digest == top \
                 and known.wanted == wanted:
             return known
