@@ -211,6 +211,34 @@ def test_forget_forces_exactly_that_rebuild(registry, layout, site):
     assert bare.returncode == 0 and "needs to be told what to forget" in bare.stdout
 
 
+def test_a_layer_or_flat_folder_an_operator_removed_is_built_again(registry, layout, site):
+    """A run checks that every layer and flat image it depends on is there (one listing of
+    each area): a folder removed by hand, or swapped for a symlink, is built again, and
+    nothing else is; ``doit info`` says which folder is missing."""
+    one, two = unique("one"), unique("two")
+    i1 = push(registry, layout, one, "v1", [Entry("x", b"1")])
+    i2 = push(registry, layout, two, "v1", [Entry("x", b"2")])
+    site.recipe([f"http://{registry.host}/{one}:v1", f"http://{registry.host}/{two}:v1"])
+    assert site.doit().returncode == 0
+    layer = site.repo_root / ".layers" / i1.layers[1][7:]
+    flat = site.repo_root / ".flat" / i2.config_digest[7:]
+    kept = {p: p.stat().st_ino for area in (".layers", ".flat")
+            for p in (site.repo_root / area).iterdir() if p not in (layer, flat)}
+    subprocess.run(["rm", "-rf", str(layer), str(flat)], check=True)
+    info = site.doit("info", f"layer:{i1.layers[1][7:]}")
+    assert f"layer folder {layer} missing" in info.stdout
+    assert site.doit().returncode == 0
+    assert (layer / "layer.json").is_file() and (flat / ".singularity.d").is_dir()
+    assert all(p.stat().st_ino == ino for p, ino in kept.items()), "nothing else rebuilt"
+    assert site.doit().returncode == 0 and site.doit("info", f"layer:{i1.layers[1][7:]}") \
+        .stdout.count("missing") == 0
+    aside = layer.with_name("aside")
+    layer.rename(aside)
+    layer.symlink_to(aside)          # not a folder of the repository's own
+    assert site.doit().returncode == 0
+    assert layer.is_dir() and not layer.is_symlink()
+
+
 def test_forget_s_and_forced_runs_reach_the_whole_chain(registry, layout, site):
     """Dependencies are walked as doit means them, however the options are spelled."""
     one = unique("chain")

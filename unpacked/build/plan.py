@@ -77,6 +77,11 @@ class LayerPlan:
     repos: set[str] = field(default_factory=set)
     images: list[str] = field(default_factory=list)
 
+    @property
+    def folder(self) -> str:
+        """``.layers/<folder>``: the digest's hex (checked when the task was named)."""
+        return self.task.partition(":")[2]
+
 
 @dataclass(slots=True)
 class FlatPlan:
@@ -86,6 +91,11 @@ class FlatPlan:
     image: PlatformImage
     repos: set[str] = field(default_factory=set)
     images: list[ImagePlan] = field(default_factory=list)
+
+    @property
+    def folder(self) -> str:
+        """``.flat/<folder>``: the config digest's hex (checked when the task was named)."""
+        return self.task.partition(":")[2]
 
 
 @dataclass
