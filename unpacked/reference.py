@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
+from operator import attrgetter
 
 from .errors import BadReference
 
@@ -82,9 +83,7 @@ class ImageRef:
         return replace(self, tag=tag)
 
     def placeholders(self) -> dict[str, str]:
-        return {"scheme": self.scheme, "registry": self.registry,
-                "repository": self.repository, "tag": self.tag or "",
-                "digest": self.digest or "", "reference": self.reference, "image": self.image}
+        return {name: get(self) for name, get in _VALUES.items()}
 
     def __str__(self) -> str:
         return self.name
@@ -206,7 +205,20 @@ def placeholders_in(template: str) -> list[str]:
     return _PLACEHOLDER.findall(template)
 
 
+_VALUES = {"scheme": attrgetter("scheme"), "registry": attrgetter("registry"),
+           "repository": attrgetter("repository"), "tag": lambda ref: ref.tag or "",
+           "digest": lambda ref: ref.digest or "", "reference": attrgetter("reference"),
+           "image": attrgetter("image")}
+
+
+@lru_cache(maxsize=256)
+def _compiled(template: str) -> tuple:
+    """A template as its literal pieces and the getters of its placeholders, in order."""
+    pieces = _PLACEHOLDER.split(template)
+    return tuple(piece if i % 2 == 0 else _VALUES[piece] for i, piece in enumerate(pieces))
+
+
 def format_template(template: str, ref: ImageRef) -> str:
-    """Expand ``$(name)`` placeholders (names checked at recipe load)."""
-    values = ref.placeholders()
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    """Expand ``$(name)`` placeholders (names checked at recipe load). A template is split
+    once: every input's public path is formatted a few times a run."""
+    return "".join([p if type(p) is str else p(ref) for p in _compiled(template)])

@@ -72,5 +72,9 @@ def test_wildcards_and_placeholders():
     values = pinned.placeholders()
     assert values == {"scheme": "https", "registry": "ghcr.io", "repository": "o/i", "tag": "1",
                       "digest": D, "reference": f":1@{D}", "image": f"o/i:1@{D}"}
+    for name, value in values.items():
+        assert reference.format_template(f"a/$({name})/$({name})b", pinned) == \
+            f"a/{value}/{value}b"
+    assert tuple(values) == reference.PLACEHOLDERS
     assert reference.placeholders_in("$(a)/$(tag)") == ["a", "tag"]
     assert pinned.name == f"ghcr.io/o/i:1@{D}"
