@@ -16,6 +16,7 @@ no-op runs, the same number of manifest HEADs made by curl with our concurrency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -120,6 +121,8 @@ class Scratch:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
             self.mounted.discard(path)
             self._image(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def size_of(path: Path) -> int:

@@ -186,6 +186,7 @@ def test_a_failed_deletion_does_not_stop_the_others(registry, layout, site):
     stuck = site.repo_root / ".flat" / ia.config_digest[7:] / "x"
     if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode:
         pytest.skip("this filesystem has no immutable flag")
+    inode = stuck.stat().st_ino
     try:
         site.recipe([f"http://{registry.host}/{unique('none')}:v1"])
         run(site, T0 + 60, code=1)
@@ -194,8 +195,10 @@ def test_a_failed_deletion_does_not_stop_the_others(registry, layout, site):
         assert ib.config_digest[7:] not in flats(site), "the other deletions went ahead"
         assert json.loads((site.repo_root / ".unpacked" / "published.json").read_text())
         assert not site.transaction_open()
-    finally:
-        subprocess.run(["chattr", "-i", str(stuck)], capture_output=True)
+    finally:        # the flag is the inode's: every hard link of it, wherever a run moved it
+        for path in site.repo_root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_ino == inode:
+                subprocess.run(["chattr", "-i", str(path)], capture_output=True)
 
 
 def test_gc_with_the_cvmfs_publisher(registry, layout, tmp_path):
