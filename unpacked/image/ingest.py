@@ -318,15 +318,27 @@ class Extractor:
             at.parent.chown(at.name, uid, gid)
 
     def _dir(self, at: _At) -> None:
-        if not self._clear(at, True):
-            at.parent.mkdir(at.name, 0o700)
+        mode = self._mode(at.member, at.rel, True)
+        try:
+            at.parent.mkdir(at.name, mode)
+        except FileExistsError:     # looked at only then: most names are new
+            if self._clear(at, True):
+                at.parent.chmod(at.name, mode)      # merged into the folder there
+            else:
+                at.parent.mkdir(at.name, mode)
         self._owner(at)
-        at.parent.chmod(at.name, self._mode(at.member, at.rel, True))
         self._time(at.rel, self._mtime(at.member))
 
     def _file(self, tar: tarfile.TarFile, at: _At, whiteout: bool) -> None:
-        self._clear(at, False)
-        fd = at.parent.create(at.name, 0o600)
+        """A new file with the entry's mode from the start (written through its descriptor);
+        what stood at its name is looked at only when there is something (a layer of small
+        files: one call less each)."""
+        mode = self._mode(at.member, at.rel, False)
+        try:
+            fd = at.parent.create(at.name, mode)
+        except FileExistsError:
+            self._clear(at, False)
+            fd = at.parent.create(at.name, mode)
         with os.fdopen(fd, "wb", buffering=0) as out:
             if at.member.isfile() and not whiteout:
                 src = tar.extractfile(at.member)
@@ -339,7 +351,6 @@ class Extractor:
             uid, gid = self._owner_of(at)
             if IS_ROOT:
                 os.fchown(fd, uid, gid)
-            os.fchmod(fd, self._mode(at.member, at.rel, False))
             mtime = self._mtime(at.member) * 10**9
             os.utime(fd, ns=(mtime, mtime))
 
