@@ -232,6 +232,11 @@ def test_a_layer_or_flat_folder_an_operator_removed_is_built_again(registry, lay
     assert all(p.stat().st_ino == ino for p, ino in kept.items()), "nothing else rebuilt"
     assert site.doit().returncode == 0 and site.doit("info", f"layer:{i1.layers[1][7:]}") \
         .stdout.count("missing") == 0
+    (layer / "layer.json").unlink()             # half deleted by hand: its record first
+    assert site.doit().returncode == 0, "nothing to build: the layer is not read"
+    assert site.doit("forget", f"flat:{i1.config_digest[7:]}").returncode == 0
+    assert site.doit().returncode == 0
+    assert (layer / "layer.json").is_file(), "ingested again before a flat image read it"
     aside = layer.with_name("aside")
     layer.rename(aside)
     layer.symlink_to(aside)          # not a folder of the repository's own

@@ -156,3 +156,21 @@ def test_heads_made_before_the_state_is_read_are_settled_after(tmp_path, registr
     assert "MANIFEST_UNKNOWN" in by_tag["absent"].error
     assert proxy.count("HEAD") == 4, "one HEAD per image, none again after the state is read"
     assert proxy.count("GET", "/manifests/") == 2     # the moved tag's, the absent tag's reason
+
+
+def test_a_head_answer_without_a_digest_is_not_asked_again(tmp_path, registry, layout,
+                                                            make_client, proxy):
+    """A registry whose HEADs name no digest: the image is fetched by tag after them, not
+    HEADed once more (a hostile registry would double every run's requests)."""
+    repo = unique("nodigest")
+    push_simple(registry, layout, repo, "v1")
+    recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:v1"])
+    Refresher(make_client(), State(tmp_path / "cache")).run(recipes, AMD64)
+    proxy.clear()
+    proxy.add("/manifests/", "status", status=200, method="HEAD", times=99,
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    outcomes, _ = Refresher(make_client(), State(tmp_path / "cache")).run(recipes, AMD64)
+    assert outcomes[0].error is None and not outcomes[0].changed
+    heads = proxy.count("HEAD")
+    assert heads == 2, "the lean HEAD, and the full path's once it named no digest"
+    assert proxy.count("GET", "/manifests/v1") == 1

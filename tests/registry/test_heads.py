@@ -189,3 +189,11 @@ def test_the_headers_of_each_request_are_its_own_though_their_checked_form_is_ke
         ["Bearer one", "Bearer two", "Bearer one", None]
     assert [s.get("Host") for s in sent] == [hostile.host] * 3 + [f"localhost:{port}"]
     assert not [s for s in sent if "X-Injected" in s]
+
+
+def test_a_header_value_that_is_not_text_is_refused_not_raised(hostile):
+    lean = heads()
+    url = f"http://{hostile.host}/v2/a/manifests/v1"
+    assert lean.head(url, {"Authorization": ["Bearer", "x"]}) is None
+    assert lean.head(url, {"X-Count": 3}) is None
+    assert not [r for r in hostile.requests if r[0] == "HEAD"], "nothing was sent"

@@ -196,7 +196,8 @@ class Refresher:
                 raise head.error
             with self._limit(wanted.ref.api_host):
                 resolved = self.client.resolve(wanted.ref, wanted.platforms, known,
-                                               head.top if head is not None else None)
+                                               head.top if head is not None else None,
+                                               headed=head is not None)
         except UnpackedError as exc:
             gone = isinstance(exc, NotFound) and exc.status == 404
             reason = sanitize(exc, 500)

@@ -345,6 +345,8 @@ class Tasks:
             states[task] = flat_status(recorded.get(task, {}), self._flat_key(entry),
                                        self._missing(entry.repos, FLAT, entry.folder),
                                        self._forced(entry))
+            if not states[task][0]:
+                self._whole_layers(entry, states)
         for name, items in self.converted.items():
             for task, _, checks, digest in self._platform_rows(name, items):
                 states[task] = link_status(recorded.get(task, {}), digest, checks)
@@ -380,6 +382,22 @@ class Tasks:
             if name not in listed:
                 return self._area(repo, area) + name
         return None
+
+    def _whole_layers(self, flat: FlatPlan, states: dict) -> None:
+        """The layers a flat image about to be built reads are complete, not only there: a
+        folder an operator half deleted keeps its name, and ``layer.json`` is written last
+        (one look per layer of what is stale; a run with nothing to build makes none)."""
+        layers = self.ctx.plan.layers
+        for x in flat.image.layers:
+            entry = layers[x.digest]
+            if not states[entry.task][0]:
+                continue
+            for repo in sorted(entry.repos):
+                folder = self._area(repo, LAYERS) + entry.folder
+                if not _isfile(folder, "layer.json"):
+                    states[entry.task] = (False, f"layer folder {folder} incomplete "
+                                                 "(no layer.json)")
+                    break
 
     def _layer_dirs(self, entry: LayerPlan) -> list[str]:
         name = hex_of(entry.digest)

@@ -271,14 +271,16 @@ class RegistryClient:
             raise DigestMismatch(f"{what}: registry says {said}, content is {digest}")
         return body, docs.media_type_of(body, content_type, what), digest
 
-    def resolve(self, ref: ImageRef, wanted: tuple[str, ...],
-                known: Resolved | None = None, top: str | None = None) -> Resolved:
+    def resolve(self, ref: ImageRef, wanted: tuple[str, ...],  # noqa: PLR0913
+                known: Resolved | None = None, top: str | None = None,
+                headed: bool = False) -> Resolved:
         """Resolve a tag or digest to the image manifest of each platform asked for.
 
         With ``known`` (the last result for this input) an unchanged tag costs one HEAD;
-        with ``top`` too (what a HEAD just said the tag points at), none.
+        none when ``headed``: a HEAD was just made, and ``top`` is what it said the tag
+        points at (None: it did not say; the manifest is then fetched by tag).
         """
-        top = ref.digest or top or self.head_manifest(ref, ref.tag)
+        top = ref.digest or top or (None if headed else self.head_manifest(ref, ref.tag))
         if known is not None and top is not None and known.top_digest == top \
                 and known.wanted == wanted:
             return known

@@ -207,6 +207,8 @@ class Heads:
     def _block(self, base: str, headers: dict[str, str]) -> tuple[str, str, bytes] | None:
         """(scheme, netloc, header block) of requests to ``base`` (``scheme://netloc``) with
         ``headers``: checked once, not per HEAD (the few forms a run sends, kept)."""
+        if not all(type(value) is str for value in headers.values()):
+            return None             # never sent; nor a key of the cache
         key = (base, *headers.items())
         known = self._blocks.get(key, False)
         if known is not False:
