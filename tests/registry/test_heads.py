@@ -127,6 +127,9 @@ def test_a_request_that_could_be_split_is_never_sent(hostile):
                           ({}, "/v2/a\x7fb/manifests/v1"),
                           ({"Host": "elsewhere"}, "/v2/a/manifests/v1")):
         assert lean.head(f"http://{hostile.host}{path}", headers) is None
+    host, port = hostile.host.split(":")
+    for base in (f"http://{host}\r\n:{port}", f"http://{host}:{port}\t", f"http://\n{host}:{port}"):
+        assert lean.head(f"{base}/v2/a/manifests/v1", {}) is None
     assert not [r for r in hostile.requests if r[0] == "HEAD"], "nothing was sent"
 
 

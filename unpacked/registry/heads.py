@@ -213,8 +213,8 @@ class Heads:
         known = self._blocks.get(key, False)
         if known is not False:
             return known
-        try:
-            parts = urlsplit(base)
+        try:                # urlsplit drops tabs and line breaks: none may be there at all
+            parts = None if _UNSAFE.search(base) else urlsplit(base)
         except ValueError:
             parts = None
         block = None
