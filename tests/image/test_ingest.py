@@ -355,3 +355,34 @@ def test_ownership_kept_as_root(site):
     assert (os.stat(fs / "owned").st_uid, os.stat(fs / "owned").st_gid) == (1234, 5678)
     assert (os.stat(fs / "dir").st_uid, os.stat(fs / "dir").st_gid) == (42, 43)
     assert (os.lstat(fs / "link").st_uid, os.lstat(fs / "link").st_gid) == (7, 8)
+
+
+def test_write_all_finishes_a_write_a_signal_cut_short():
+    """A write interrupted by a signal after part of its bytes returns that part; the rest
+    must still be written (a file object's ``write`` would have dropped it)."""
+    import signal
+    import threading
+    import time
+
+    from unpacked.image.ingest import write_all
+    data = os.urandom(8 << 20)
+    read_end, write_end = os.pipe()
+    got = bytearray()
+
+    def drain():
+        while chunk := os.read(read_end, 4096):
+            got.extend(chunk)
+            time.sleep(0.0002)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    old = signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        write_all(write_end, data)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    assert bytes(got) == data

@@ -169,6 +169,16 @@ class Report:
             names.append(name)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``: a write may take only part of it (a signal, a full disk
+    on the next call), and an unbuffered file object's ``write`` says so without retrying."""
+    done = os.write(fd, data)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += os.write(fd, view[done:])
+
+
 def clean_name(raw: str) -> str | None:
     """The relative path of an entry, or None when it climbs out with ``..``.
 
@@ -339,7 +349,7 @@ class Extractor:
         except FileExistsError:
             self._clear(at, False)
             fd = at.parent.create(at.name, mode)
-        with os.fdopen(fd, "wb", buffering=0) as out:
+        try:
             if at.member.isfile() and not whiteout:
                 src = tar.extractfile(at.member)
                 while chunk := src.read(COPY_CHUNK):
@@ -347,12 +357,14 @@ class Extractor:
                     if self.report.written > self.limit:
                         raise self.fail(at.entry, f"the layer writes more than {self.limit:,} "
                                         "bytes (a sparse or decompression bomb?)")
-                    out.write(chunk)
+                    write_all(fd, chunk)
             uid, gid = self._owner_of(at)
             if IS_ROOT:
                 os.fchown(fd, uid, gid)
             mtime = self._mtime(at.member) * 10**9
             os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
 
     def _symlink(self, at: _At) -> None:
         target = at.member.linkname
