@@ -392,16 +392,14 @@ class Tasks:
             entry = layers[x.digest]
             if not states[entry.task][0]:
                 continue
-            for repo in sorted(entry.repos):
-                folder = self._area(repo, LAYERS) + entry.folder
+            for folder in self._layer_dirs(entry):
                 if not _isfile(folder, "layer.json"):
                     states[entry.task] = (False, f"layer folder {folder} incomplete "
                                                  "(no layer.json)")
                     break
 
     def _layer_dirs(self, entry: LayerPlan) -> list[str]:
-        name = hex_of(entry.digest)
-        return [self._area(r, LAYERS) + name for r in sorted(entry.repos)]
+        return [self._area(r, LAYERS) + entry.folder for r in sorted(entry.repos)]
 
     def _flat_key(self, entry: FlatPlan) -> str:
         """What a flat image is built from: its layers, the flatten mode, the sandbox."""
@@ -410,8 +408,7 @@ class Tasks:
                               ).hexdigest()
 
     def _flat_dirs(self, entry: FlatPlan) -> list[str]:
-        name = hex_of(entry.config)
-        return [self._area(r, FLAT) + name for r in sorted(entry.repos)]
+        return [self._area(r, FLAT) + entry.folder for r in sorted(entry.repos)]
 
     def _forced(self, flat: FlatPlan) -> str | None:
         """``doit forget image:X`` re-flattens X: its record gone, its link still there."""
@@ -491,7 +488,7 @@ class Tasks:
             if self._omit(task, ok):
                 continue
             first = entry.sources[0][1]
-            row = {"name": hex_of(digest),
+            row = {"name": entry.folder,
                    "actions": [(actions.ingest, [self.ctx, entry.sources,
                                                  self._repos(entry.repos)])],
                    "uptodate": self._uptodate(ok, why),
@@ -519,7 +516,7 @@ class Tasks:
             if self._omit(task, ok):
                 continue
             key = self._flat_key(entry)
-            row = {"name": hex_of(config),
+            row = {"name": entry.folder,
                    "actions": [(actions.flatten, [self.ctx, entry.name, config, repos, key])],
                    "task_dep": self._deps(plan.layers[x.digest].task for x in image.layers),
                    "uptodate": self._uptodate(ok, why),

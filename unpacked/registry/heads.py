@@ -32,8 +32,9 @@ _NAME = re.compile(TOKEN)
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")                   # in a path: never sent
 _OURS = ("host", "content-length", "transfer-encoding", "connection")  # never a caller's
 _READ = ("docker-content-digest", "connection", "retry-after")   # what the caller reads
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")         # in a header value
-_LINE = TOKEN.encode() + rb":[^\x00-\x08\x0a-\x1f\x7f]*"        # an answer's header line
+_CONTROLS = r"\x00-\x08\x0a-\x1f\x7f"                      # never in a header value
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+_LINE = f"{TOKEN}:[^{_CONTROLS}]*".encode()                  # an answer's header line
 _HEADER_LINES = re.compile(_LINE + rb"(?:\r\n" + _LINE + rb")*")
 
 
