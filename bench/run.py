@@ -77,8 +77,7 @@ class Scratch:
 
     SIZE = "64G"        # sparse: holds the largest run (the 10,000-image site, 300,000 files)
 
-    def __init__(self, work: Path):
-        self.work = work
+    def __init__(self):
         self.mounted: set[Path] = set()
         self.loop = os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
         self.how = "plain folders (loop mounts not available)"
@@ -106,23 +105,22 @@ class Scratch:
         self.how = "a fresh ext4 filesystem per run (loop-mounted sparse image)"
         return path
 
-    def drop(self, path: Path) -> None:
-        """``path`` gone: its filesystem unmounted and its image deleted, or its tree."""
+    def drop(self, path: Path, lazy: bool = False) -> None:
+        """``path`` gone: its filesystem unmounted and its image deleted, or its tree.
+        ``lazy``: at the end, whatever still uses it (never raises then)."""
         if path in self.mounted:
-            subprocess.run(["umount", str(path)], check=True, capture_output=True)
+            subprocess.run(["umount", *(["-l"] if lazy else []), str(path)], check=not lazy,
+                           capture_output=True)
             self.mounted.discard(path)
             self._image(path).unlink(missing_ok=True)
-            path.rmdir()
+            with contextlib.suppress(OSError):
+                path.rmdir()
         elif path.exists():
             subprocess.run(["rm", "-rf", str(path)], check=True)
 
     def close(self) -> None:
         for path in list(self.mounted):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-            self.mounted.discard(path)
-            self._image(path).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                path.rmdir()
+            self.drop(path, lazy=True)
 
 
 def size_of(path: Path) -> int:
@@ -220,7 +218,7 @@ class Bench:
         self.args = args
         self.images = Path(args.images).resolve()
         self.work = fresh(Path(args.work).resolve())
-        self.scratch = Scratch(self.work)
+        self.scratch = Scratch()
         self.images.mkdir(parents=True, exist_ok=True)
         name = "registry-quick" if args.quick else "registry"
         self.registry = Registry(self.images / name, "none")
