@@ -280,11 +280,48 @@ def test_sparse_file_from_gnu_tar(site, tmp_path):
         f.write(b"end")
         f.seek(1 << 20)
         f.write(b"middle")
-    for fmt in ("gnu", "posix"):
-        raw = subprocess.run(["tar", f"--format={fmt}", "--sparse", "-C", str(src), "-cf", "-",
+    for args in (["--format=gnu"], ["--format=posix", "--sparse-version=0.0"],
+                 ["--format=posix", "--sparse-version=0.1"],
+                 ["--format=posix", "--sparse-version=1.0"]):
+        raw = subprocess.run(["tar", *args, "--sparse", "-C", str(src), "-cf", "-",
                               "sparse"], check=True, capture_output=True).stdout
-        dest, _ = run(site, raw)
-        assert (dest / "layerfs/sparse").read_bytes() == (src / "sparse").read_bytes()
+        dest, info = run(site, raw)
+        made = dest / "layerfs/sparse"
+        assert made.read_bytes() == (src / "sparse").read_bytes(), args
+        assert os.stat(made).st_blocks * 512 < 1 << 20, "the holes were written out"
+        assert info["written"] == 5 << 20 | 3
+
+
+def test_a_nul_byte_in_a_pax_name_is_refused(site):
+    raw = tar_bytes([Entry("a", b"1", pax={"path": "etc/pass\0wd"})])
+    with pytest.raises(LayerError, match="a NUL byte in its name"):
+        run(site, raw)
+    assert_clean(site)
+
+
+def test_a_full_disk_names_the_entry_and_leaves_nothing(tmp_path):
+    """A write that fails is the layer's failure, named by its entry, with every descriptor
+    closed and nothing left behind."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / ".layers").mkdir()
+        raw = tar_bytes([Entry(f"d/f{n:03}", os.urandom(20_000)) for n in range(120)])
+        data = gzip.compress(raw, mtime=0)
+        claims = Claims(sha(data), (sha(raw),), "application/vnd.oci.image.layer.v1.tar+gzip",
+                        len(data))
+        open_before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(LayerError) as exc:
+            layers.ingest(io.BytesIO(data), Repository(disk), claims)
+        assert "No space left on device" in str(exc.value)
+        assert "entry 'd/f" in str(exc.value)
+        assert len(os.listdir("/proc/self/fd")) == open_before
+        assert os.listdir(disk / ".layers") == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_reingest_replaces_whole(site):

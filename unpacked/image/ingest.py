@@ -5,7 +5,8 @@ Every tar entry is treated as hostile. One ``Extractor`` owns all writes of a la
 bounded), each parent is opened as a real folder (never through a symlink), files are created
 ``O_EXCL|O_NOFOLLOW`` and their attributes set on the open descriptor. Whiteouts stay as plain
 empty files; flattening interprets them. Memory does not grow with the layer's shape, and the
-bytes *written* count against the size limit (a sparse file cannot inflate past it).
+bytes the files hold count against the size limit before they are written (a sparse file by
+its apparent size, so it cannot inflate past it; its holes stay holes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import queue
 import stat
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +31,8 @@ from isal import igzip
 from ..errors import ImageError, sanitize
 from ..repo.fs import Dir, FolderCache, UnsafePath, raise_fd_limit
 from ..repo.layout import CATALOG, IS_ROOT, Repository
-from . import tarsafe
+from . import tarstream
+from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarReader
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 COPY_CHUNK = 1 << 20
+SMALL_FILE = 64 << 10              # files this small are read whole, in one piece
 OPEN_DIRS = 64                     # folders kept open while extracting
 REPORTED = 1000                    # names kept per list in layer.json
 MAX_EXTERNAL_LINKS = 10_000        # hardlinks to lower layers one layer may hold
@@ -68,7 +70,7 @@ def sniff(head: bytes) -> str:
     return "tar"
 
 
-class _Ahead(io.RawIOBase):
+class _Ahead:
     """The uncompressed stream, made by a thread of its own while the caller unpacks: the
     network read, both digests and the decompression overlap the tar parsing and the writes,
     as the stages of a shell pipeline do (igzip, zstd, hashlib and sockets release the GIL).
@@ -85,7 +87,7 @@ class _Ahead(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.count = 0
         self._chunks: queue.Queue = queue.Queue(self.DEPTH)
-        self._view, self._stop, self._ended = memoryview(b""), threading.Event(), False
+        self._stop, self._ended = threading.Event(), False
         self._thread = threading.Thread(target=self._make, args=(plain, blob, limit, what),
                                         name="ingest-read", daemon=True)
         self._thread.start()
@@ -101,7 +103,7 @@ class _Ahead(io.RawIOBase):
                 if not self._put(data):
                     return
             drain(blob)            # trailing bytes of the blob: its digest is checked at EOF
-            self._put(None)
+            self._put(b"")
         except BaseException as exc:        # noqa: BLE001 - handed to the reader as it is
             self._put(exc)
 
@@ -114,29 +116,20 @@ class _Ahead(io.RawIOBase):
                 continue
         return False
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if not self._view:
-            if self._ended:
-                return 0
-            item = self._chunks.get()
-            if isinstance(item, BaseException):
-                self._ended = True
-                raise item
-            if item is None:
-                self._ended = True
-                return 0
-            self._view = memoryview(item)
-        n = min(len(buffer), len(self._view))
-        buffer[:n] = self._view[:n]
-        self._view = self._view[n:]
-        return n
+    def pull(self) -> bytes:
+        """The next piece of the uncompressed stream; ``b""`` at its end."""
+        if self._ended:
+            return b""
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if not item:
+            self._ended = True
+        return item
 
     def close(self) -> None:
         self._stop.set()
-        super().close()
 
 
 def drain(stream: BinaryIO) -> None:
@@ -179,23 +172,43 @@ def write_all(fd: int, data: bytes) -> None:
             done += os.write(fd, view[done:])
 
 
+def _write_sparse(fd: int, tar: TarReader, member: Member) -> None:
+    """A sparse file's regions where the map puts them; the holes stay holes."""
+    chunks = tar.chunks(COPY_CHUNK)
+    piece = memoryview(b"")
+    for offset, length in member.sparse or ():
+        while length:
+            if not piece:
+                piece = memoryview(next(chunks))
+            n = min(length, len(piece))
+            done = os.pwrite(fd, piece[:n], offset)
+            piece, offset, length = piece[done:], offset + done, length - done
+    os.ftruncate(fd, member.size)
+
+
 def clean_name(raw: str) -> str | None:
     """The relative path of an entry, or None when it climbs out with ``..``.
 
     A leading ``/`` and ``./`` are stripped as GNU tar does (``umoci insert`` writes ``/etc``).
     """
+    framed = f"/{raw}/"
+    if "//" not in framed and "/./" not in framed and "/../" not in framed:
+        return raw                          # already clean: most names
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         return None
     return "/".join(parts)
 
 
-@dataclass
+_SPECIAL = {tarstream.CHAR: "device", tarstream.BLOCKDEV: "device", tarstream.FIFO: "fifo"}
+
+
+@dataclass(slots=True)
 class _At:
     """One entry being extracted: the tar member, its name as written and cleaned, and the
     open folder it goes in."""
 
-    member: tarfile.TarInfo
+    member: Member
     entry: str
     rel: str
     parent: Dir
@@ -216,7 +229,8 @@ class Extractor:
 
     def close(self) -> None:
         self.folders.close()
-        self._times.close()
+        with contextlib.suppress(OSError):     # a full disk: its last flush fails; unused
+            self._times.close()
 
     def fail(self, entry: str, why: str) -> LayerError:
         return LayerError(f"{self.what}: entry {entry!r}: {why}; layer refused")
@@ -258,18 +272,15 @@ class Extractor:
         at.parent.remove(at.name)
         return False
 
-    def _mode(self, member: tarfile.TarInfo, rel: str, is_dir: bool) -> int:
+    def _mode(self, member: Member, rel: str, is_dir: bool) -> int:
         mode = stat.S_IMODE(member.mode)
         if mode & 0o6000:
             self.report.note("dropped_setid", rel)
             mode &= ~0o6000
         return mode | (0o700 if is_dir else 0o600)
 
-    def _mtime(self, member: tarfile.TarInfo) -> int:
-        try:
-            mtime = int(member.mtime)
-        except (ValueError, OverflowError, TypeError):
-            mtime = 0
+    def _mtime(self, member: Member) -> int:
+        mtime = member.mtime
         return mtime if 0 < mtime < 1 << 33 else int(time.time())
 
     def _owner_of(self, at: _At) -> tuple[int, int]:
@@ -279,19 +290,21 @@ class Extractor:
             raise self.fail(at.entry, f"its owner {uid}:{gid} is out of range")
         return uid, gid
 
-    def extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def extract(self, tar: TarReader, member: Member) -> None:
         entry = member.name
         rel = clean_name(entry)
         if rel is None:
             raise self.fail(entry, "its name climbs out of the layer with '..'")
-        if len(os.fsencode(rel)) > tarsafe.MAX_NAME or rel.count("/") >= tarsafe.MAX_DEPTH:
+        if len(os.fsencode(rel)) > tarstream.MAX_NAME or rel.count("/") >= tarstream.MAX_DEPTH:
             raise self.fail(entry[:200], "its name is longer or deeper than any real path")
+        if "\0" in rel:
+            raise self.fail(entry, "a NUL byte in its name")
         parent_rel, _, base = rel.rpartition("/")
         if base == WHITEOUT:
             raise self.fail(entry, "a whiteout with an empty name")
         self.report.entries += 1
         if rel == "":
-            if not member.isdir():
+            if member.kind != DIRECTORY:
                 raise self.fail(entry, "refusing to change the type of the root folder")
             self.root.chmod_self(self._mode(member, rel, True))
             self._time("", self._mtime(member))
@@ -305,22 +318,22 @@ class Extractor:
             return
         self._dispatch(tar, at)
 
-    def _dispatch(self, tar: tarfile.TarFile, at: _At) -> None:
+    def _dispatch(self, tar: TarReader, at: _At) -> None:
         member = at.member
         whiteout = at.name.startswith(WHITEOUT)
-        if member.isdir() and not whiteout:
+        kind = member.kind
+        if kind == DIRECTORY and not whiteout:
             self._dir(at)
-        elif member.isfile() or whiteout:
+        elif kind == REGULAR or whiteout:
             self._file(tar, at, whiteout)
-        elif member.issym():
+        elif kind == SYMLINK:
             self._symlink(at)
-        elif member.islnk():
+        elif kind == HARDLINK:
             self._hardlink(at)
-        elif member.ischr() or member.isblk() or member.isfifo():
-            kind = "device" if (member.ischr() or member.isblk()) else "fifo"
-            self.report.note("skipped", f"{at.rel} ({kind})")
+        elif kind in _SPECIAL:
+            self.report.note("skipped", f"{at.rel} ({_SPECIAL[kind]})")
         else:
-            self.report.note("skipped", f"{at.rel} (tar type {member.type!r})")
+            self.report.note("skipped", f"{at.rel} (tar type {kind!r})")
 
     def _owner(self, at: _At) -> None:
         uid, gid = self._owner_of(at)
@@ -339,36 +352,42 @@ class Extractor:
         self._owner(at)
         self._time(at.rel, self._mtime(at.member))
 
-    def _file(self, tar: tarfile.TarFile, at: _At, whiteout: bool) -> None:
-        """A new file with the entry's mode from the start (written through its descriptor);
-        what stood at its name is looked at only when there is something (a layer of small
-        files: one call less each)."""
-        mode = self._mode(at.member, at.rel, False)
+    def _file(self, tar: TarReader, at: _At, whiteout: bool) -> None:
+        """A new file with the entry's mode from the start, written through its descriptor;
+        what stood at its name is looked at only when there is something (most names are
+        new: one call less each)."""
+        member = at.member
+        mode = self._mode(member, at.rel, False)
+        content = member.kind == REGULAR and not whiteout
+        if content:
+            self.report.written += member.size
+            if self.report.written > self.limit:
+                raise self.fail(at.entry, f"the layer writes more than {self.limit:,} bytes "
+                                "(a sparse or decompression bomb?)")
+        uid, gid = self._owner_of(at)
         try:
             fd = at.parent.create(at.name, mode)
         except FileExistsError:
             self._clear(at, False)
             fd = at.parent.create(at.name, mode)
         try:
-            if at.member.isfile() and not whiteout:
-                src = tar.extractfile(at.member)
-                while chunk := src.read(COPY_CHUNK):
-                    self.report.written += len(chunk)
-                    if self.report.written > self.limit:
-                        raise self.fail(at.entry, f"the layer writes more than {self.limit:,} "
-                                        "bytes (a sparse or decompression bomb?)")
+            if content and member.sparse is not None:
+                _write_sparse(fd, tar, member)
+            elif content and member.size <= SMALL_FILE:
+                write_all(fd, tar.data())
+            elif content:
+                for chunk in tar.chunks(COPY_CHUNK):
                     write_all(fd, chunk)
-            uid, gid = self._owner_of(at)
             if IS_ROOT:
                 os.fchown(fd, uid, gid)
-            mtime = self._mtime(at.member) * 10**9
-            os.utime(fd, ns=(mtime, mtime))
+            ns = self._mtime(member) * 10**9
+            os.utime(fd, ns=(ns, ns))
         finally:
             os.close(fd)
 
     def _symlink(self, at: _At) -> None:
         target = at.member.linkname
-        if len(target) > tarsafe.MAX_NAME or "\0" in target:
+        if len(target) > tarstream.MAX_NAME or "\0" in target:
             raise self.fail(at.entry, "a symlink target longer than any real path")
         self._clear(at, False)
         at.parent.new_symlink(at.name, target)
@@ -380,7 +399,8 @@ class Extractor:
         target = clean_name(at.member.linkname)
         if target is None or target == "":
             raise self.fail(at.entry, f"a hardlink to {at.member.linkname!r}, outside the layer")
-        if len(os.fsencode(target)) > tarsafe.MAX_NAME or target.count("/") >= tarsafe.MAX_DEPTH:
+        if len(os.fsencode(target)) > tarstream.MAX_NAME or \
+                target.count("/") >= tarstream.MAX_DEPTH:
             raise self.fail(at.entry, "a hardlink to a name longer or deeper than any real path")
         target_parent, _, target_name = target.rpartition("/")
         try:
@@ -469,16 +489,15 @@ def _extract(blob: BinaryIO, layerfs: Dir, work: Dir, claims: Claims, max_bytes:
     buffered = io.BufferedReader(blob, COPY_CHUNK) if not hasattr(blob, "peek") else blob
     plain, found = _decompressor(buffered, compression_of(claims.media_type), what)
     ahead = _Ahead(plain, buffered, max_bytes, what)
-    reader = io.BufferedReader(ahead, COPY_CHUNK)
     extractor = Extractor(layerfs, what, max_bytes, work)
     member = None
     try:
-        with tarsafe.open_stream(reader) as tar:
-            for member in tarsafe.members(tar):
-                extractor.extract(tar, member)
-        drain(reader)              # padding after the end-of-archive blocks, the blob's end
+        tar = TarReader(ahead.pull)
+        for member in tar:
+            extractor.extract(tar, member)
+        tar.rest()                 # padding after the end-of-archive blocks, the blob's end
         extractor.finish()
-    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+    except (tarstream.TarError, EOFError, zstandard.ZstdError) as exc:
         at = f" at entry {member.name!r}" if member is not None else ""
         raise LayerError(f"{what}: broken or truncated archive{at}: {exc}") from None
     except OSError as exc:
