@@ -144,6 +144,43 @@ def test_plan_writes_each_path_once():
         assert rels.index("shared") < rels.index("shared/same")
 
 
+def test_many_links_by_several_threads_each_once(tmp_path):
+    """Past ``MIN_SHARE`` links per thread, threads share the hardlinks: every file of the
+    merged tree is linked once, to the right layer's inode, and a failure in any thread is
+    the flattening's."""
+    layers = []
+    for i in range(2):
+        fs = tmp_path / f"l{i}"
+        for n in range(flatten.MIN_SHARE * flatten.LINKERS + 500):
+            folder = fs / f"d{n % 37}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if i == 0 or n % 3 == 0:
+                (folder / f"f{n}").write_text(f"{i}:{n}")
+        layers.append(Dir.root(fs))
+    out = tmp_path / "flat"
+    out.mkdir()
+    with Dir.root(out) as handle:
+        stats = flatten.flatten(layers, [{}, {}], handle)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert stats["files"] == len(files) == flatten.MIN_SHARE * flatten.LINKERS + 500
+    for path in files:
+        n = int(path.name[1:])
+        source = tmp_path / ("l1" if n % 3 == 0 else "l0") / path.parent.name / path.name
+        assert path.stat().st_ino == source.stat().st_ino, path
+
+    writer = flatten._Writer(layers, Dir.root(tmp_path / "l0"), "hardlink")
+    links = [(f"d0/x{n}", 0, "d0/f0") for n in range(flatten.MIN_SHARE * 2)]
+    links[-1] = ("d0/last", 0, "d0/missing")          # the second thread's share fails
+    try:
+        with pytest.raises(FileNotFoundError):
+            writer._link_all(links)
+    finally:
+        writer.close()
+    assert (tmp_path / "l0/d0/x0").exists()
+    for handle in layers:
+        handle.close()
+
+
 def special_files(raw: bytes) -> set[str]:
     """Devices and fifos of a tar: umoci (rootless) turns them into empty files, we skip them."""
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:

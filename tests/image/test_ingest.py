@@ -8,6 +8,7 @@ import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 
@@ -322,6 +323,43 @@ def test_a_full_disk_names_the_entry_and_leaves_nothing(tmp_path):
         assert os.listdir(disk / ".layers") == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+MODES = {"a": 0o644, "b": 0o755, "c": 0o600, "d": 0o666, "e": 0o1755, "f": 0o000}
+
+
+def assert_modes(dest) -> None:
+    made = {name: stat.S_IMODE(os.lstat(dest / "layerfs" / name).st_mode) for name in MODES}
+    assert made == {name: mode | 0o600 for name, mode in MODES.items()}
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000, 0o022])
+def test_file_modes_are_the_entries_whatever_the_umask(site, umask):
+    """The umask never decides (files are made with their mode only when it cannot)."""
+    raw = tar_bytes([Entry(name, b"x", mode=mode) for name, mode in MODES.items()])
+    old = os.umask(umask)
+    try:
+        dest, _ = run(site, raw)
+    finally:
+        os.umask(old)
+    assert_modes(dest)
+
+
+def test_file_modes_are_the_entries_under_a_default_acl(site):
+    """A default ACL (other::---) decides new files' modes instead of the umask."""
+    root, _ = site
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                          for tag, perm in ((1, 7), (4, 5), (0x20, 0)))
+    try:
+        os.setxattr(root / ".layers", "system.posix_acl_default", acl)
+    except OSError as exc:
+        pytest.skip(f"no ACLs here: {exc}")
+    probe = root / ".layers" / "probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert stat.S_IMODE(os.stat(probe).st_mode) == 0o640, "the ACL does not apply"
+    probe.unlink()
+    dest, _ = run(site, tar_bytes([Entry(name, b"x", mode=mode) for name, mode in MODES.items()]))
+    assert_modes(dest)
 
 
 def test_reingest_replaces_whole(site):

@@ -221,6 +221,7 @@ class Extractor:
     def __init__(self, root: Dir, what: str, limit: int, times: Dir):
         self.root, self.what, self.limit = root, what, limit
         self.report = Report()
+        self.umask = root.creation_umask()
         self.link_bytes = 0
         now = int(time.time())
         self.folders = FolderCache(root, OPEN_DIRS, on_create=lambda rel: self._time(rel, now))
@@ -295,7 +296,8 @@ class Extractor:
         rel = clean_name(entry)
         if rel is None:
             raise self.fail(entry, "its name climbs out of the layer with '..'")
-        if len(os.fsencode(rel)) > tarstream.MAX_NAME or rel.count("/") >= tarstream.MAX_DEPTH:
+        if len(rel) >= tarstream.MAX_DEPTH and (len(os.fsencode(rel)) > tarstream.MAX_NAME
+                                                or rel.count("/") >= tarstream.MAX_DEPTH):
             raise self.fail(entry[:200], "its name is longer or deeper than any real path")
         if "\0" in rel:
             raise self.fail(entry, "a NUL byte in its name")
@@ -366,10 +368,10 @@ class Extractor:
                                 "(a sparse or decompression bomb?)")
         uid, gid = self._owner_of(at)
         try:
-            fd = at.parent.create(at.name, mode)
+            fd = at.parent.create(at.name, mode, self.umask)
         except FileExistsError:
             self._clear(at, False)
-            fd = at.parent.create(at.name, mode)
+            fd = at.parent.create(at.name, mode, self.umask)
         try:
             if content and member.sparse is not None:
                 _write_sparse(fd, tar, member)

@@ -76,6 +76,9 @@ def _cut(field: bytes) -> bytes:
 
 def _number(field: bytes) -> int:
     """An octal header number (NUL/space padded), or GNU's base-256 form; never negative."""
+    digits = field[:-1]
+    if field[-1] == 0 and digits.isdigit():          # as nearly every writer puts it
+        return int(digits, 8)
     if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
     if field[:1] == b"\xff":

@@ -238,12 +238,29 @@ class Dir:
         self.mkdir(name, mode)
         return name
 
-    def create(self, name: str, mode: int = 0o644) -> int:
-        """A new regular file, never through a symlink, never over anything; returns its fd."""
+    def create(self, name: str, mode: int = 0o644, umask: int | None = None) -> int:
+        """A new regular file, never through a symlink, never over anything; returns its fd.
+        A caller that knows the umask decides alone (``creation_umask``) saves the chmod
+        whenever it would not change the mode."""
         self._changing(name)
+        if umask is not None and not mode & (umask | 0o7000):
+            return os.open(name, NEW_FILE, mode, dir_fd=self.fd)
         fd = os.open(name, NEW_FILE, 0o600, dir_fd=self.fd)
         os.fchmod(fd, mode)
         return fd
+
+    def creation_umask(self) -> int | None:
+        """The umask that alone decides the mode of a file made in this folder, or None when a
+        default ACL here may decide instead (new folders inside inherit it, or its absence)."""
+        try:
+            if os.getxattr(self.fd, "system.posix_acl_default"):
+                return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return None
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
     def write_file(self, name: str, data: bytes, mode: int = 0o644, sync: bool = False) -> None:
         """Replace ``name`` with a new file holding ``data`` (readers see old or new, whole)."""
