@@ -8,12 +8,13 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tracemalloc
 
 import pytest
 from helpers.images import Entry, tar_bytes
 
 from unpacked.image import tarstream
-from unpacked.image.tarstream import HeaderTooLarge, TarError, TarReader, Truncated
+from unpacked.image.tarstream import TarError, TarReader, Truncated
 
 
 def pieces(raw: bytes, size: int = 700):
@@ -105,12 +106,29 @@ def test_reads_short_formats(tmp_path, fmt):
         [m[:2] for m in ours]
 
 
-def test_pax_records_override_the_header_and_globals_apply_to_what_follows():
+def test_pax_records_override_the_header_the_last_header_counts_globals_change_nothing():
+    """As Go's archive/tar: of two pax headers before a member only the last applies (they
+    cannot pile up in memory); a global header is read past (its ``size`` would otherwise
+    move every later member's boundary, its ``path`` rename them all); an empty value keeps
+    the header's own field."""
     raw = tar_bytes([Entry("a", b"1", pax={"path": "renamed", "uid": "7", "mtime": "5.25"}),
-                     Entry("b", b"2")])
-    ours = read_all(extension(tarfile.XGLTYPE, record(b"gid", b"4242") + bytes(5)) + raw)
-    assert [(m[0], m[3], m[4], m[5]) for m in ours] == [("renamed", 7, 4242, 5),
-                                                         ("b", 0, 4242, 1_600_000_000)]
+                     Entry("b", b"2", uid=3)])
+    first = extension(tarfile.XHDTYPE, record(b"path", b"dropped") + record(b"gid", b"9"))
+    glob = extension(tarfile.XGLTYPE, record(b"size", b"0") + record(b"path", b"etc/passwd"))
+    empty = extension(tarfile.XHDTYPE, record(b"uid", b""))
+    second = raw.index(b"b\0")
+    raw = first + raw[:second] + glob + empty + raw[second:]
+    ours = read_all(raw)
+    assert [(m[0], m[3], m[4], m[5], m[7]) for m in ours] == [
+        ("renamed", 7, 0, 5, b"1"), ("b", 3, 0, 1_600_000_000, b"2")]
+
+
+def test_a_gnu_long_name_wins_over_a_pax_path():
+    long = "l" * 150
+    raw = tar_bytes([Entry(long, b"1")], fmt=tarfile.GNU_FORMAT)
+    assert raw[156:157] == b"L"
+    raw = extension(tarfile.XHDTYPE, record(b"path", b"pax-name")) + raw
+    assert [m[0] for m in read_all(raw)] == [long]
 
 
 def record(key: bytes, value: bytes) -> bytes:
@@ -191,12 +209,83 @@ def test_pax_owners_and_sizes_that_are_not_numbers_are_refused(pax, message):
         read_all(tar_bytes([Entry("a", b"1", pax=pax)]))
 
 
-def test_global_pax_headers_are_bounded_together():
-    """Each global header is under the cap, but they accumulate: refused past it."""
-    raw = b"".join(extension(tarfile.XGLTYPE, record(b"k%d" % n, b"v" * 600_000))
-                   for n in range(3)) + bytes(1024)
-    with pytest.raises(HeaderTooLarge, match="global pax headers"):
-        read_all(raw)
+def test_a_chain_of_pax_headers_does_not_pile_up():
+    """Each header is under the cap; before, their records accumulated without bound."""
+    raw = b"".join(extension(tarfile.XHDTYPE, record(b"k%d" % n, b"v" * 900_000))
+                   for n in range(40)) + tar_bytes([Entry("a", b"1")], fmt=tarfile.USTAR_FORMAT)
+    reader = TarReader(pieces(raw, 1 << 20))
+    tracemalloc.start()
+    try:
+        member = next(iter(reader))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert member.name == "a"
+    assert peak < 8 << 20, f"{peak:,} bytes held for 40 headers of 900 kB"
+
+
+def test_one_empty_block_then_members_is_refused():
+    """Go refuses it; an archive that ends with one empty block is fine."""
+    raw = tar_bytes([Entry("a", b"1"), Entry("b", b"2")], fmt=tarfile.USTAR_FORMAT)
+    with pytest.raises(TarError, match="one empty block"):
+        read_all(raw[:1024] + bytes(512) + raw[1024:])
+    assert [m[0] for m in read_all(raw[:1024] + bytes(512))] == ["a"]
+
+
+def test_data_after_a_nul_in_a_pax_header_is_refused():
+    raw = extension(tarfile.XHDTYPE, record(b"uid", b"1") + b"\0" + record(b"path", b"x"))
+    with pytest.raises(TarError, match="after a NUL"):
+        read_all(raw + tar_bytes([Entry("a", b"1")], fmt=tarfile.USTAR_FORMAT))
+
+
+def old_sparse(regions: list[tuple[int, int]], real: int, magic: bytes) -> bytes:
+    """An old GNU sparse header (type S) with ``regions`` and the data they hold."""
+    info = tarfile.TarInfo("holes")
+    info.size = sum(n for _, n in regions)
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    block[156:157] = b"S"
+    block[257:265] = magic
+    for i, (offset, length) in enumerate(regions):
+        block[386 + 24 * i:410 + 24 * i] = b"%011o\0%011o\0" % (offset, length)
+    block[483:495] = b"%011o\0" % real
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block[:512])
+    data = b"d" * info.size
+    return bytes(block[:512]) + data + bytes(-len(data) % 512)
+
+
+def test_old_sparse_needs_gnu_magic_and_a_size_that_fits_its_map():
+    """An S member of another format is an unknown type (as Go reads it); a pax ``size``
+    that contradicts the map is refused instead of running out of data later."""
+    member = old_sparse([(0, 512), (4096, 512)], 8192, b"ustar  \0")
+    assert read_all(member + bytes(1024))[0][8] == [(0, 512), (4096, 512)]
+    posix = old_sparse([(0, 512), (4096, 512)], 8192, b"ustar\x0000")
+    assert read_all(posix + bytes(1024))[0][1] == "S"
+    with pytest.raises(TarError, match="sparse map"):
+        read_all(extension(tarfile.XHDTYPE, record(b"size", b"512")) + member + bytes(1024))
+
+
+def test_a_sparse_map_on_a_symlink_is_refused():
+    """Its map would be read from data a symlink does not have: what follows would be
+    parsed as members other readers never see."""
+    link = tarfile.TarInfo("l")
+    link.type, link.linkname, link.size = tarfile.SYMTYPE, "t", 512
+    pax = record(b"GNU.sparse.major", b"1") + record(b"GNU.sparse.minor", b"0") + \
+        record(b"GNU.sparse.realsize", b"10")
+    raw = extension(tarfile.XHDTYPE, pax) + link.tobuf(format=tarfile.USTAR_FORMAT)
+    hidden = tar_bytes([Entry("hidden", b"x")], fmt=tarfile.USTAR_FORMAT)
+    with pytest.raises(TarError, match="not a file"):
+        read_all(raw + b"1\n0\n10\n".ljust(512, b"\0") + hidden)
+
+
+def test_a_time_before_1970_is_read(tmp_path):
+    """GNU tar writes it negative in base-256: read (the extractor makes it today)."""
+    (tmp_path / "old").write_bytes(b"o")
+    os.utime(tmp_path / "old", (-86400, -86400))
+    raw = subprocess.run(["tar", "--format=gnu", "-C", str(tmp_path), "-cf", "-", "old"],
+                         check=True, capture_output=True).stdout
+    assert raw[136:137] == b"\xff"
+    assert [(m[0], m[5], m[7]) for m in read_all(raw)] == [("old", 0, b"o")]
 
 
 @pytest.mark.parametrize("records, message", [

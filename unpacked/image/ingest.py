@@ -179,7 +179,10 @@ def _write_sparse(fd: int, tar: TarReader, member: Member) -> None:
     for offset, length in member.sparse or ():
         while length:
             if not piece:
-                piece = memoryview(next(chunks))
+                more = next(chunks, None)
+                if more is None:                  # the reader checks; never trust it twice
+                    raise tarstream.TarError("a sparse map past the data stored")
+                piece = memoryview(more)
             n = min(length, len(piece))
             done = os.pwrite(fd, piece[:n], offset)
             piece, offset, length = piece[done:], offset + done, length - done
@@ -376,7 +379,8 @@ class Extractor:
             if content and member.sparse is not None:
                 _write_sparse(fd, tar, member)
             elif content and member.size <= SMALL_FILE:
-                write_all(fd, tar.data())
+                if member.size:
+                    write_all(fd, tar.data())
             elif content:
                 for chunk in tar.chunks(COPY_CHUNK):
                     write_all(fd, chunk)

@@ -91,6 +91,12 @@ def _number(field: bytes) -> int:
     return int(digits, 8)          # ValueError on 8 or 9: turned into a TarError by the caller
 
 
+def _time(field: bytes) -> int:
+    """A header time; GNU writes one before 1970 negative in base-256: 0 here, which the
+    extractor makes today, as any absurd time."""
+    return 0 if field[:1] == b"\xff" else _number(field)
+
+
 def _checksum_ok(block: bytes, stored: bytes) -> bool:
     """The sum of the header's bytes with its checksum field as spaces, unsigned (POSIX) or
     signed (old Sun tar). Adler-32's first half is 1 + the byte sum mod 65521; 256 bytes
@@ -105,9 +111,13 @@ def _checksum_ok(block: bytes, stored: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """``"<length> <key>=<value>\\n"`` records; trailing NUL padding ends them."""
+    """``"<length> <key>=<value>\\n"`` records; NUL padding may follow them, nothing else."""
     pos, end = 0, len(data)
-    while pos < end and data[pos] != 0:
+    while pos < end:
+        if data[pos] == 0:
+            if data.count(0, pos) != end - pos:
+                raise TarError("a pax header with data after a NUL byte")
+            return
         space = data.find(b" ", pos, pos + 21)
         digits = data[pos:space] if space > pos else b""
         if not digits.isdigit():
@@ -123,19 +133,35 @@ def _pax_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         pos += length
 
 
-def _add_local(pax: dict[bytes, bytes], records: Iterator[tuple[bytes, bytes]]) -> None:
-    """A member's pax records; sparse format 0.0 repeats its offset and numbytes keys, which
-    become one map as format 0.1 writes it."""
+def _local(records: Iterator[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """A member's pax records. An empty value removes its keyword (the header's own field
+    counts, as POSIX and Go's archive/tar have it); sparse format 0.0 repeats its offset and
+    numbytes keys, which become one map as format 0.1 writes it."""
+    pax: dict[bytes, bytes] = {}
     pairs: list[bytes] = []
     for key, value in records:
         if key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
             if (key == b"GNU.sparse.offset") != (len(pairs) % 2 == 0):
                 raise TarError("a broken sparse map")
             pairs.append(value)
-        else:
+        elif value:
             pax[key] = value
+        else:
+            pax.pop(key, None)
     if pairs:
         pax[b"GNU.sparse.map"] = b",".join(pairs)
+    return pax
+
+
+def _check_sparse(regions: list[tuple[int, int]], real_size: int, stored: int) -> None:
+    """Regions in order, inside the file, holding exactly the stored bytes."""
+    end = 0
+    for offset, length in regions:
+        if offset < end or offset + length > real_size:
+            raise TarError("a sparse map with regions out of order or past the file's end")
+        end = offset + length
+    if sum(length for _, length in regions) != stored:
+        raise TarError("a sparse map that does not match the data stored")
 
 
 def _pax_int(value: bytes, key: bytes) -> int:
@@ -164,8 +190,6 @@ class TarReader:
         self._buf, self._pos = b"", 0
         self._left = 0                  # stored bytes of the current member not read yet
         self._pad = 0                   # and the padding after them
-        self._globals: dict[bytes, bytes] = {}
-        self._global_bytes = 0
 
     # -- the byte stream ----------------------------------------------------------------------
 
@@ -273,11 +297,21 @@ class TarReader:
         return self._buf[pos:pos + BLOCK]
 
     def _next(self) -> Member | None:
+        """The next member with its extended headers applied, as Go's archive/tar does: the
+        last pax header before a member is its own (an earlier one is dropped, so they cannot
+        pile up), a GNU long name or link wins over pax, and a global pax header is read past
+        and changes nothing (Docker ignores them too: one could move every later member's
+        boundary with ``size`` or rename them all with ``path``)."""
         pax: dict[bytes, bytes] = {}
         long_name = long_link = None
         while True:
             block = self._block()
-            if block is None or block == _ZERO:
+            if block is None:
+                return None
+            if block == _ZERO:
+                second = self._block()
+                if second is not None and second != _ZERO:
+                    raise TarError("one empty block inside the archive, then more members")
                 return None            # the end (what follows is read by ``rest``)
             try:
                 fields = _HEADER.unpack(block)
@@ -288,30 +322,19 @@ class TarReader:
             except ValueError:
                 raise TarError("a header field is not an octal number") from None
             kind = fields[7]
-            if kind in (b"x", b"X", b"g"):
-                records = _pax_records(self._extension(size))
-                if kind == b"g":
-                    self._add_globals(records)
-                else:
-                    _add_local(pax, records)
-                continue
-            if kind == b"L":
+            if kind in (b"x", b"X"):
+                pax = _local(_pax_records(self._extension(size)))
+            elif kind == b"g":
+                self._skip(size + -size % BLOCK)
+            elif kind == b"L":
                 long_name = _cut(self._extension(size))
-                continue
-            if kind == b"K":
+            elif kind == b"K":
                 long_link = _cut(self._extension(size))
-                continue
-            try:
-                return self._member(block, fields, size, pax, long_name, long_link)
-            except ValueError:
-                raise TarError("a header field is not an octal number") from None
-
-    def _add_globals(self, records: Iterator[tuple[bytes, bytes]]) -> None:
-        for key, value in records:
-            self._global_bytes += len(key) + len(value)
-            if self._global_bytes > MAX_HEADER:
-                raise HeaderTooLarge(f"global pax headers of more than {MAX_HEADER:,} bytes")
-            self._globals[key] = value
+            else:
+                try:
+                    return self._member(block, fields, size, pax, long_name, long_link)
+                except ValueError:
+                    raise TarError("a header field is not an octal number") from None
 
     def _member(self, block: bytes, fields: tuple, size: int, pax: dict[bytes, bytes],
                 long_name: bytes | None, long_link: bytes | None) -> Member:
@@ -319,23 +342,27 @@ class TarReader:
         name = _cut(name)
         if magic == b"ustar\0" and prefix[0]:
             name = _cut(prefix) + b"/" + name
-        if long_name is not None:
-            name = long_name
-        link = long_link if long_link is not None else _cut(link)
-        mode, uid, gid, mtime = _number(mode), _number(uid), _number(gid), _number(mtime)
+        link = _cut(link)
+        mode, uid, gid, mtime = _number(mode), _number(uid), _number(gid), _time(mtime)
         sparse = None
         real_size = size
-        if raw_kind == b"S":
-            sparse, real_size = self._old_sparse(block, size)
+        if raw_kind == b"S" and magic == b"ustar ":     # GNU's; in another format, unknown
+            sparse, real_size = self._old_sparse(block)
             raw_kind = b"0"
-        if self._globals or pax:
+        if pax:
             header = [name, link, uid, gid, mtime, size, real_size, sparse]
             name, link, uid, gid, mtime, size, real_size, sparse = self._pax(pax, header)
+        name = long_name if long_name is not None else name
+        link = long_link if long_link is not None else link
         kind = _REGULAR_TYPES.get(raw_kind)
         if kind is not None and raw_kind == b"\0" and name.endswith(b"/"):
             kind = DIRECTORY                        # v7: a folder is a file named "x/"
         elif kind is None:
             kind = _HEADER_ONLY.get(raw_kind)
+        if sparse is not None:
+            if kind != REGULAR:
+                raise TarError("a sparse map on a member that is not a file")
+            _check_sparse(sparse, real_size, size)
         if kind is None:
             kind = _text(raw_kind)                  # unknown: its data is skipped
             self._start_data(size)
@@ -349,9 +376,7 @@ class TarReader:
 
     def _pax(self, pax: dict[bytes, bytes], header: list) -> list:
         """The header's name, link, uid, gid, mtime, stored and real size and sparse map,
-        as the member's pax records (over the global ones) replace them."""
-        if self._globals:
-            pax = {**self._globals, **pax}
+        as the member's pax records replace them."""
         name, link, uid, gid, mtime, size, real_size, sparse = header
         name = pax.get(b"path", name)
         if b"size" in pax:
@@ -366,7 +391,7 @@ class TarReader:
 
     # -- sparse files -------------------------------------------------------------------------
 
-    def _old_sparse(self, block: bytes, stored: int) -> tuple[list[tuple[int, int]], int]:
+    def _old_sparse(self, block: bytes) -> tuple[list[tuple[int, int]], int]:
         """GNU's old format: 4 regions in the header, 21 per extension block after it."""
         regions = self._regions(block, 386, 4)
         extended, real_size = block[482], _number(block[483:495])
@@ -376,7 +401,7 @@ class TarReader:
             more = self._take(BLOCK, "a sparse header")
             regions += self._regions(more, 0, 21)
             extended = more[504]
-        return self._check_sparse(regions, real_size, stored), real_size
+        return regions, real_size
 
     @staticmethod
     def _regions(block: bytes, start: int, count: int) -> list[tuple[int, int]]:
@@ -393,7 +418,7 @@ class TarReader:
         """GNU's pax sparse formats: 0.0 (offset/numbytes records), 0.1 (one map record)
         and 1.0 (the map at the head of the data). Returns name, map, real and stored size."""
         name = pax.get(b"GNU.sparse.name", name)
-        real = pax.get(b"GNU.sparse.realsize", pax.get(b"GNU.sparse.size"))
+        real = pax.get(b"GNU.sparse.size", pax.get(b"GNU.sparse.realsize"))
         if real is None:
             raise TarError("a pax sparse file without its real size")
         real_size = _pax_int(real, b"GNU.sparse.realsize")
@@ -410,33 +435,25 @@ class TarReader:
             raise TarError("a broken sparse map")
         values = [int(n) for n in numbers]
         regions = list(zip(values[::2], values[1::2], strict=True))
-        return name, self._check_sparse(regions, real_size, stored), real_size, stored
+        return name, regions, real_size, stored
 
     def _sparse_map(self, stored: int) -> tuple[list[bytes], int]:
-        """Format 1.0: a count, then offset and length lines, padded to a block."""
-        head, limit = b"", min(stored, (2 * MAX_SPARSE + 1) * 21 + BLOCK)
-        while True:
-            if len(head) + BLOCK > limit:
+        """Format 1.0: a count, then offset and length lines, padded to a block. Newlines are
+        counted block by block and the lines split once (a long map costs one pass)."""
+        blocks, limit = [], min(stored, (2 * MAX_SPARSE + 1) * 21 + BLOCK)
+        count, lines = None, 0
+        while count is None or lines < 2 * count + 1:
+            if (len(blocks) + 1) * BLOCK > limit:
                 raise TarError("a broken sparse map")
-            head += self._take(BLOCK, "a sparse map")
-            lines = head.split(b"\n")
-            if not _SPARSE_NUMBER.fullmatch(lines[0] or b"x"):
-                raise TarError("a broken sparse map")
-            count = int(lines[0])
-            if count > MAX_SPARSE:
-                raise HeaderTooLarge(f"a sparse file of more than {MAX_SPARSE:,} regions")
-            if len(lines) > 2 * count + 1:
-                return lines[1:2 * count + 1], len(head)
-
-    @staticmethod
-    def _check_sparse(regions: list[tuple[int, int]], real_size: int, stored: int
-                      ) -> list[tuple[int, int]]:
-        """Regions in order, inside the file, holding exactly the stored bytes."""
-        end = 0
-        for offset, length in regions:
-            if offset < end or offset + length > real_size:
-                raise TarError("a sparse map with regions out of order or past the file's end")
-            end = offset + length
-        if sum(length for _, length in regions) != stored:
-            raise TarError("a sparse map that does not match the data stored")
-        return regions
+            block = self._take(BLOCK, "a sparse map")
+            blocks.append(block)
+            lines += block.count(b"\n")
+            if count is None and lines:
+                first = b"".join(blocks).partition(b"\n")[0]
+                if not _SPARSE_NUMBER.fullmatch(first):
+                    raise TarError("a broken sparse map")
+                count = int(first)
+                if count > MAX_SPARSE:
+                    raise HeaderTooLarge(f"a sparse file of more than {MAX_SPARSE:,} regions")
+        numbers = b"".join(blocks).split(b"\n")
+        return numbers[1:2 * count + 1], len(blocks) * BLOCK

@@ -81,6 +81,18 @@ def raise_fd_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def process_umask() -> int | None:
+    """The umask, read without changing it (``os.umask`` sets it, for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _check_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise UnsafePath(f"refusing the name {name!r}: not a single path component")
@@ -253,14 +265,12 @@ class Dir:
         """The umask that alone decides the mode of a file made in this folder, or None when a
         default ACL here may decide instead (new folders inside inherit it, or its absence)."""
         try:
-            if os.getxattr(self.fd, "system.posix_acl_default"):
-                return None
+            os.getxattr(self.fd, "system.posix_acl_default")
+            return None
         except OSError as exc:
-            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if exc.errno != errno.ENODATA:     # no POSIX ACLs here: maybe NFSv4 ones
                 return None
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
+        return process_umask()
 
     def write_file(self, name: str, data: bytes, mode: int = 0o644, sync: bool = False) -> None:
         """Replace ``name`` with a new file holding ``data`` (readers see old or new, whole)."""
