@@ -169,8 +169,8 @@ def test_many_links_by_several_threads_each_once(tmp_path):
         assert path.stat().st_ino == source.stat().st_ino, path
 
     writer = flatten._Writer(layers, Dir.root(tmp_path / "l0"), "hardlink")
-    links = [(f"d0/x{n}", 0, "d0/f0") for n in range(flatten.MIN_SHARE * 2)]
-    links[-1] = ("d0/last", 0, "d0/missing")          # the second thread's share fails
+    links = [(("d0", 0, "d0"), "f0", f"x{n}") for n in range(flatten.MIN_SHARE * 2)]
+    links[-1] = (("d0", 0, "d0"), "missing", "last")   # the second thread's share fails
     try:
         with pytest.raises(FileNotFoundError):
             writer._link_all(links)

@@ -18,6 +18,8 @@ import os
 import stat
 import threading
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 
 from ..errors import sanitize
 from ..repo.fs import Dir, FolderCache, UnsafePath
@@ -208,16 +210,18 @@ class _Writer:
         after every folder exists, by ``LINKERS`` threads at once."""
         self.linked = result.linked
         folders, links = [], []
-        for rel in result.ordered():
-            layer, kind, _ = result.decided[rel]
-            source_layer, source = result.source(rel)
-            self.stats["entries"] += 1
-            if kind == FILE and self.mode == "hardlink":
-                links.append((rel, source_layer, source))
-                continue
+        decided, linking = result.decided, self.mode == "hardlink"
+        ordered = result.ordered()
+        self.stats["entries"] += len(ordered)
+        for rel in ordered:
+            source_layer, kind, source = decided[rel]
+            source = source or rel
             parent_rel, _, name = rel.rpartition("/")
-            parent = self.out.get(parent_rel)
             src_parent_rel, _, src_name = source.rpartition("/")
+            if kind == FILE and linking:
+                links.append(((parent_rel, source_layer, src_parent_rel), src_name, name))
+                continue
+            parent = self.out.get(parent_rel)
             src = self.sources[source_layer].get(src_parent_rel)
             if kind == DIR:
                 parent.mkdir(name, 0o700)
@@ -231,7 +235,7 @@ class _Writer:
         self._link_all(links)
         return folders
 
-    def _link_all(self, links: list[tuple[str, int, str]]) -> None:
+    def _link_all(self, links: list[tuple[tuple[str, int, str], str, str]]) -> None:
         """Each thread links a contiguous share (folders stay mostly one thread's) through
         folder caches of its own; a link is one system call, and the kernel makes links in
         different folders at once (300,000 files: 3.1 s by one thread, 2.0 s by two)."""
@@ -241,7 +245,7 @@ class _Writer:
             return
         errors: list[BaseException] = []
 
-        def run(part: list[tuple[str, int, str]]) -> None:
+        def run(part: list[tuple[tuple[str, int, str], str, str]]) -> None:
             try:
                 self._link(part)
             except BaseException as exc:    # noqa: BLE001 - raised by the caller's thread
@@ -257,15 +261,15 @@ class _Writer:
         if errors:
             raise errors[0]
 
-    def _link(self, links: list[tuple[str, int, str]]) -> None:
+    def _link(self, links: list[tuple[tuple[str, int, str], str, str]]) -> None:
+        """Links given as ((folder, source layer, source folder), source name, name), in
+        runs of the same folders: each run's folders are looked up once."""
         out = FolderCache(self.out.root)
         sources = [FolderCache(cache.root) for cache in self.sources]
         try:
-            for rel, source_layer, source in links:
-                parent_rel, _, name = rel.rpartition("/")
-                src_parent_rel, _, src_name = source.rpartition("/")
-                out.get(parent_rel).hardlink(sources[source_layer].get(src_parent_rel),
-                                             src_name, name)
+            for (parent_rel, layer, src_parent_rel), run in groupby(links, itemgetter(0)):
+                out.get(parent_rel).hardlinks(sources[layer].get(src_parent_rel),
+                                              [(src_name, name) for _, src_name, name in run])
         finally:
             out.close()
             for cache in sources:

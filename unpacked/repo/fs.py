@@ -311,6 +311,13 @@ class Dir:
         os.link(source_name, name, src_dir_fd=source.fd, dst_dir_fd=self.fd,
                 follow_symlinks=False)
 
+    def hardlinks(self, source: Dir, names: list[tuple[str, str]]) -> None:
+        """``hardlink`` for many (source name, name) pairs of the same two folders."""
+        link, src_fd, dst_fd = os.link, source.fd, self.fd
+        for source_name, name in names:
+            self._changing(name)
+            link(source_name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+
     def rename(self, name: str, dest: Dir, dest_name: str) -> None:
         self._changing(name)
         dest._changing(dest_name)
