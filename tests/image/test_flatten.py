@@ -169,14 +169,16 @@ def test_many_links_by_several_threads_each_once(tmp_path):
         assert path.stat().st_ino == source.stat().st_ino, path
 
     writer = flatten._Writer(layers, Dir.root(tmp_path / "l0"), "hardlink")
-    links = [(("d0", 0, "d0"), "f0", f"x{n}") for n in range(flatten.MIN_SHARE * 2)]
-    links[-1] = (("d0", 0, "d0"), "missing", "last")   # the second thread's share fails
+    count = flatten.MIN_SHARE * flatten.LINKERS
+    ordered = [f"d0/x{n:05}" for n in range(count)]
+    decided = {rel: (0, flatten.FILE, "d0/f0") for rel in ordered}
+    decided[ordered[-1]] = (0, flatten.FILE, "d0/missing")   # the last thread's share fails
     try:
         with pytest.raises(FileNotFoundError):
-            writer._link_all(links)
+            writer._link_all(ordered, decided, count)
     finally:
         writer.close()
-    assert (tmp_path / "l0/d0/x0").exists()
+    assert (tmp_path / "l0/d0/x00000").exists()          # the first share was linked
     for handle in layers:
         handle.close()
 
