@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -360,6 +361,38 @@ def test_file_modes_are_the_entries_under_a_default_acl(site):
     probe.unlink()
     dest, _ = run(site, tar_bytes([Entry(name, b"x", mode=mode) for name, mode in MODES.items()]))
     assert_modes(dest)
+
+
+@pytest.mark.parametrize("options", ["grpid", "nogrpid"])
+def test_owners_are_the_entries_on_a_filesystem_giving_folder_groups(tmp_path, options):
+    """Files are chowned only when their owner would differ from the one they are made with;
+    on a filesystem mounted ``grpid`` a new file takes its folder's group, so every file is."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("needs root and mkfs.ext4 for a loop-mounted filesystem")
+    image, disk = tmp_path / "fs.img", tmp_path / "disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    mounted = subprocess.run(["mount", "-o", f"loop,{options}", str(image), str(disk)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"no loop mount here: {mounted.stderr.decode()[:200]}")
+    try:
+        (disk / ".layers").mkdir()
+        raw = tar_bytes([Entry("d", kind="dir", uid=1234, gid=4321),
+                         Entry("d/root-file", b"r"), Entry("d/owned", b"o", uid=7, gid=8),
+                         Entry("top", b"t")])
+        claims = Claims(sha(raw), (sha(raw),), "application/vnd.oci.image.layer.v1.tar",
+                        len(raw))
+        layers.ingest(io.BytesIO(raw), Repository(disk), claims)
+        fs = disk / ".layers" / sha(raw)[7:] / "layerfs"
+        owners = {name: (os.lstat(fs / name).st_uid, os.lstat(fs / name).st_gid)
+                  for name in ("d", "d/root-file", "d/owned", "top")}
+        assert owners == {"d": (1234, 4321), "d/root-file": (0, 0), "d/owned": (7, 8),
+                          "top": (0, 0)}
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_reingest_replaces_whole(site):

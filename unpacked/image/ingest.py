@@ -225,6 +225,7 @@ class Extractor:
         self.root, self.what, self.limit = root, what, limit
         self.report = Report()
         self.umask = root.creation_umask()
+        self.owner = root.creation_owner() if IS_ROOT else None     # a file made has it
         self.link_bytes = 0
         now = int(time.time())
         self.folders = FolderCache(root, OPEN_DIRS, on_create=lambda rel: self._time(rel, now))
@@ -384,7 +385,7 @@ class Extractor:
             elif content:
                 for chunk in tar.chunks(COPY_CHUNK):
                     write_all(fd, chunk)
-            if IS_ROOT:
+            if IS_ROOT and (uid, gid) != self.owner:
                 os.fchown(fd, uid, gid)
             ns = self._mtime(member) * 10**9
             os.utime(fd, ns=(ns, ns))

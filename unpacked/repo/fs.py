@@ -81,6 +81,23 @@ def raise_fd_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _gives_folder_group(device: int) -> bool:
+    """Whether the filesystem on ``device`` gives new files their folder's group (ext2/3/4 and
+    xfs mounted ``grpid``/``bsdgroups``), or we cannot tell."""
+    wanted = f"{os.major(device)}:{os.minor(device)}".encode()
+    try:
+        with open("/proc/self/mountinfo", "rb") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 5 and fields[2] == wanted:
+                    options = set(fields[5].split(b",") + fields[-1].split(b","))
+                    if options & {b"grpid", b"bsdgroups"}:
+                        return True
+    except OSError:
+        return True
+    return False
+
+
 def process_umask() -> int | None:
     """The umask, read without changing it (``os.umask`` sets it, for every thread)."""
     try:
@@ -260,6 +277,18 @@ class Dir:
         fd = os.open(name, NEW_FILE, 0o600, dir_fd=self.fd)
         os.fchmod(fd, mode)
         return fd
+
+    def creation_owner(self) -> tuple[int, int] | None:
+        """The owner a file made inside this folder gets, the same for any folder made inside
+        it by ``mkdir``/``create`` (their set-gid bit is never set): this process's effective
+        ids, or None when the folder did not get them itself (a root-squashing mount) or its
+        filesystem gives files their folder's group."""
+        st = os.fstat(self.fd)
+        owner = (os.geteuid(), os.getegid())
+        if (st.st_uid, st.st_gid) != owner or st.st_mode & stat.S_ISGID or \
+                _gives_folder_group(st.st_dev):
+            return None
+        return owner
 
     def creation_umask(self) -> int | None:
         """The umask that alone decides the mode of a file made in this folder, or None when a
