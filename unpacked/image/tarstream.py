@@ -241,9 +241,7 @@ class TarReader:
             n = min(self._left, len(self._buf) - pos, size)
             self._pos, self._left = pos + n, self._left - n
             yield self._buf[pos:pos + n]
-        if self._pad:
-            self._skip(self._pad)
-            self._pad = 0
+        self._skip_pad()
 
     def data(self) -> bytes:
         """The current member's stored data at once: for small members only."""
@@ -256,6 +254,12 @@ class TarReader:
         if self._pad:
             self._skip(self._pad)
             self._pad = 0
+
+    def _skip_data(self) -> None:
+        """What is left of the current member's data, unread, and its padding."""
+        if self._left or self._pad:
+            self._skip(self._left + self._pad)
+            self._left = self._pad = 0
 
     def _start_data(self, stored: int) -> None:
         self._left, self._pad = stored, -stored % BLOCK
@@ -277,9 +281,7 @@ class TarReader:
 
     def __iter__(self) -> Iterator[Member]:
         while True:
-            if self._left or self._pad:
-                self._skip(self._left + self._pad)
-                self._left = self._pad = 0
+            self._skip_data()
             member = self._next()
             if member is None:
                 return
@@ -325,7 +327,8 @@ class TarReader:
             if kind in (b"x", b"X"):
                 pax = _local(_pax_records(self._extension(size)))
             elif kind == b"g":
-                self._skip(size + -size % BLOCK)
+                self._start_data(size)
+                self._skip_data()
             elif kind == b"L":
                 long_name = _cut(self._extension(size))
             elif kind == b"K":

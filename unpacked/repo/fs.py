@@ -336,9 +336,7 @@ class Dir:
     def hardlink(self, source: Dir, source_name: str, name: str) -> None:
         """``name`` becomes another name of ``source/source_name`` (a symlink is linked as
         itself, never followed)."""
-        self._changing(name)
-        os.link(source_name, name, src_dir_fd=source.fd, dst_dir_fd=self.fd,
-                follow_symlinks=False)
+        self.hardlinks(source, [(source_name, name)])
 
     def hardlinks(self, source: Dir, names: list[tuple[str, str]]) -> None:
         """``hardlink`` for many (source name, name) pairs of the same two folders."""
