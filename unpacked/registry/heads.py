@@ -89,20 +89,28 @@ def read_answer(sock) -> tuple[int, Headers, bool]:
 
 
 def _receive_head(sock) -> bytes:
-    """The answer's status line and headers, without the blank line that ends them (each
-    piece searched once: a registry that sends a byte at a time costs no more)."""
+    """The answer's status line and headers, without the blank line that ends them."""
     buf = bytearray()
-    end = -1
-    while end < 0:
-        if len(buf) > MAX_HEAD:
-            raise Unusable("headers too long")
+    head = None
+    while head is None:
         chunk = sock.recv(16384)
         if not chunk:
             if not buf:
                 raise http.client.RemoteDisconnected("closed before an answer")
             raise Unusable("cut short")
-        buf += chunk
-        end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
+        head = gather(buf, chunk)
+    return head
+
+
+def gather(buf: bytearray, chunk: bytes) -> bytes | None:
+    """``chunk`` added to ``buf``; the whole head once its blank line came, with nothing after
+    it (each piece searched once: a registry that sends a byte at a time costs no more)."""
+    buf += chunk
+    end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise Unusable("headers too long")
+        return None
     if end + 4 != len(buf) or end > MAX_HEAD:
         raise Unusable("more than a HEAD's answer")     # a HEAD's answer has no body
     return bytes(buf[:end])
@@ -171,14 +179,19 @@ class Heads:
             if not _waiting(conn.sock):
                 return conn
             conn.close()    # bytes no request asked for, or the registry's close
-        with self._lock:
-            if scheme == "https" and self._tls is None:
-                where = {"capath" if os.path.isdir(self.ca_file) else "cafile": self.ca_file}
-                self._tls = ssl.create_default_context(**where)
         if scheme == "https":
             return http.client.HTTPSConnection(netloc, timeout=self.connect_timeout,
-                                               context=self._tls)
+                                               context=self.context())
         return http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS context of every connection (the CA bundle read once; an OSError or
+        ssl.SSLError when it does not load)."""
+        with self._lock:
+            if self._tls is None:
+                where = {"capath" if os.path.isdir(self.ca_file) else "cafile": self.ca_file}
+                self._tls = ssl.create_default_context(**where)
+            return self._tls
 
     def _give(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -194,7 +207,7 @@ class Heads:
         if cut < 0:
             return None
         base, first = url[:cut], request_line(url[cut:])
-        where = self._block(base, headers)
+        where = self.block(base, headers)
         if first is None or where is None:
             return None
         scheme, netloc, block = where
@@ -205,7 +218,7 @@ class Heads:
                 return answer
         return None     # an idle connection the registry had closed, then a fresh one failed
 
-    def _block(self, base: str, headers: dict[str, str]) -> tuple[str, str, bytes] | None:
+    def block(self, base: str, headers: dict[str, str]) -> tuple[str, str, bytes] | None:
         """(scheme, netloc, header block) of requests to ``base`` (``scheme://netloc``) with
         ``headers``: checked once, not per HEAD (the few forms a run sends, kept)."""
         if not all(type(value) is str for value in headers.values()):

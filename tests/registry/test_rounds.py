@@ -1,0 +1,174 @@
+"""Many HEADs from one thread (``HeadRound``), against real HTTP(S) servers that misbehave:
+every HEAD comes back exactly once, as an answer read strictly or as None, never as an error;
+connections stay few; TLS is verified."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers.hostile import Answer, HostileRegistry, self_signed
+from registry.test_heads import SPOILS
+
+from unpacked.registry.heads import Heads
+from unpacked.registry.rounds import HeadRound
+
+DIGEST = f"sha256:{'a' * 64}"
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def run_round(base: str, paths: list[str], per_host: int = 2, ca: str = SYSTEM_CA,
+              headers: dict | None = None, seconds: float = 5, more=lambda: False) -> dict:
+    """{index: answer} of a round asking ``paths`` of ``base`` in order."""
+    left = list(enumerate(paths))
+    got: dict[int, object] = {}
+
+    def take(b: str):
+        assert b == base
+        if not left:
+            return None
+        i, path = left.pop(0)
+        return i, base + path, dict(headers or {})
+
+    def done(key, answer):
+        assert key not in got, "each HEAD is answered once"
+        got[key] = answer
+    heads = Heads(ca, (seconds, seconds), seconds, "test")
+    HeadRound(heads, per_host).run([base], take, done, more, threading.Event())
+    assert sorted(got) == list(range(len(paths))), "every HEAD is answered"
+    return got
+
+
+def digest_of(answer) -> str | None:
+    return None if answer is None else answer[1].get("Docker-Content-Digest")
+
+
+def test_many_heads_over_a_few_connections(hostile):
+    ports = set()
+
+    def answer(h):
+        ports.add(h.client_address[1])
+        tag = h.path.rsplit("/", 1)[1]
+        h.send_response(200)
+        h.send_header("Docker-Content-Digest", f"sha256:{tag * 64}"[:71])
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    got = run_round(f"http://{hostile.host}", [f"/v2/a/manifests/{i % 10}" for i in range(300)],
+                    per_host=3, headers={"Accept": "x/y"})
+    assert [digest_of(got[i])[7:8] for i in range(300)] == [str(i % 10) for i in range(300)], \
+        "each answer is its own request's"
+    assert 1 <= len(ports) <= 3, "at most per_host connections"
+    sent = [r for r in hostile.requests if r[0] == "HEAD"]
+    assert len(sent) == 300 and {r[2]["Accept"] for r in sent} == {"x/y"}
+    assert {r[2]["User-Agent"] for r in sent} == {"test"}
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+def test_an_answer_not_strictly_a_heads_is_handed_back_as_none(hostile, spoil):
+    ports = []
+
+    def answer(h):
+        ports.append(h.client_address[1])
+        if spoil == "cut mid-header":
+            h.wfile.write(SPOILS[spoil])
+            h.close_connection = True
+            return
+        h.wfile.write(SPOILS[spoil] + f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0"
+                      "\r\n\r\n".encode() + (b"surprise" if "after" in spoil else b""))
+    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    got = run_round(f"http://{hostile.host}", ["/v2/a/manifests/v1"] * 4, per_host=1)
+    assert list(got.values()) == [None] * 4
+    assert len(set(ports)) == 4, "a connection that answered so is not used again"
+
+
+def test_a_connection_the_registry_closed_is_replaced_and_the_head_asked_again(hostile):
+    def answer_then_hang_up(h):           # no "Connection: close": the socket just goes
+        h.send_response(200)
+        h.send_header("Docker-Content-Digest", DIGEST)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+        h.wfile.flush()
+        time.sleep(0.05)                    # the round has sent its next HEAD by now
+        h.close_connection = True
+    hostile.on("HEAD", "/manifests/", Answer(write=answer_then_hang_up))
+    got = run_round(f"http://{hostile.host}", ["/v2/a/manifests/v1"] * 5, per_host=1)
+    assert [digest_of(a) for a in got.values()] == [DIGEST] * 5
+
+
+def test_a_registry_that_never_answers_is_given_up_in_time(hostile):
+    def hang(h):
+        time.sleep(5)
+    hostile.on("HEAD", "/manifests/", Answer(write=hang))
+    start = time.monotonic()
+    got = run_round(f"http://{hostile.host}", ["/v2/a/manifests/v1"] * 3, per_host=3,
+                    seconds=0.5)
+    assert list(got.values()) == [None] * 3 and time.monotonic() - start < 3
+
+
+def test_a_registry_that_is_not_there_is_handed_back_not_raised(hostile):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]           # closed again: nothing listens there
+    assert list(run_round(f"http://127.0.0.1:{port}", ["/v2/a/manifests/v1"] * 3).values()) \
+        == [None] * 3
+    assert list(run_round("http://no-such-host.invalid", ["/v2/a/manifests/v1"]).values()) \
+        == [None]
+
+
+def test_a_request_that_could_be_split_is_never_sent(hostile):
+    hostile.on("HEAD", "/manifests/", Answer(200, {"Docker-Content-Digest": DIGEST}))
+    base = f"http://{hostile.host}"
+    for headers, path in (({"Authorization": "Bearer a\nX-Injected: 1"}, "/v2/a/manifests/v1"),
+                          ({"Host": "elsewhere"}, "/v2/a/manifests/v1"),
+                          ({}, "/v2/a b/manifests/v1"),
+                          ({}, "/v2/a/manifests/v1?x=1")):
+        assert run_round(base, [path], headers=headers) == {0: None}
+    assert not [r for r in hostile.requests if r[0] == "HEAD"], "nothing was sent"
+
+
+def test_heads_let_go_later_are_asked_while_the_caller_says_more_will_come(hostile):
+    """The caller holds some HEADs back (a token being fetched): the round waits for them
+    while ``more`` says so, and asks them when ``take`` gives them."""
+    hostile.on("HEAD", "/manifests/", Answer(200, {"Docker-Content-Digest": DIGEST}))
+    base = f"http://{hostile.host}"
+    released = threading.Event()
+    threading.Timer(0.3, released.set).start()
+    handed = []
+    got = {}
+
+    def take(b):
+        if not handed:
+            handed.append(0)
+            return 0, f"{base}/v2/a/manifests/v1", {}
+        if released.is_set() and len(handed) == 1:
+            handed.append(1)
+            return 1, f"{base}/v2/b/manifests/v1", {}
+        return None
+    HeadRound(Heads(SYSTEM_CA, (5, 5), 5, "test"), 2).run(
+        [base], take, got.__setitem__, lambda: len(handed) < 2, threading.Event())
+    assert sorted(got) == [0, 1] and {digest_of(a) for a in got.values()} == {DIGEST}
+
+
+@pytest.fixture
+def tls_registry(tmp_path):
+    cert, key = self_signed(tmp_path)
+    reg = HostileRegistry(tls=(cert, key))
+    reg.on("HEAD", "/manifests/", Answer(200, {"Docker-Content-Digest": DIGEST}))
+    yield reg, cert
+    reg.stop()
+
+
+def test_https_is_verified_against_the_ca_bundle(tls_registry):
+    reg, cert = tls_registry
+    base = f"https://{reg.host}"
+    got = run_round(base, ["/v2/a/manifests/v1"] * 20, per_host=3, ca=cert)
+    assert {digest_of(a) for a in got.values()} == {DIGEST}
+    assert run_round(base, ["/v2/a/manifests/v1"], ca=SYSTEM_CA) == {0: None}, \
+        "a certificate the bundle does not vouch for is refused"
+    port = reg.host.rsplit(":", 1)[1]
+    assert run_round(f"https://localhost:{port}", ["/v2/a/manifests/v1"], ca=cert) == \
+        {0: None}, "nor one for another name"
+    assert run_round(base, ["/v2/a/manifests/v1"], ca="/nonexistent/ca.pem") == {0: None}
