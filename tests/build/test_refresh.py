@@ -174,3 +174,54 @@ def test_a_head_answer_without_a_digest_is_not_asked_again(tmp_path, registry, l
     heads = proxy.count("HEAD")
     assert heads == 2, "the lean HEAD, and the full path's once it named no digest"
     assert proxy.count("GET", "/manifests/v1") == 1
+
+
+def test_a_repository_that_asks_for_a_token_is_asked_once_then_with_it(
+        tmp_path, token_registry, layout, make_client):
+    """A token registry, tokens not cached: each repository's first tag meets the 401 and
+    goes on the full path, which fetches the token; its other tags wait for it, then go on
+    the lean path with it: one token and three HEADs per repository, one HEAD per other tag."""
+    from helpers import creds_for
+    from helpers.faults import FaultProxy
+    repos = [unique("tok") for _ in range(3)]
+    for repo in repos:
+        for tag in "abcd":
+            push_simple(token_registry, layout, repo, tag)
+    proxy = FaultProxy(token_registry.host)
+    try:
+        recipes = make_recipe(tmp_path, proxy.host, [f"{r}:{t}" for r in repos for t in "abcd"])
+        creds = creds_for(proxy.host)
+        state = State(tmp_path / "cache")
+        first, _ = Refresher(make_client(creds, cache=False), state, 1).run(recipes, AMD64)
+        assert not [o.error for o in first if o.error]
+        proxy.clear()
+        issued = len(token_registry.issuer.requests)
+        outcomes, _ = Refresher(make_client(creds, cache=False), state, 1).run(recipes, AMD64)
+        assert not [o.error for o in outcomes if o.error] and not any(o.changed for o in outcomes)
+        assert len(token_registry.issuer.requests) - issued == 3, "one token per repository"
+        assert proxy.count("HEAD") == 3 * 3 + 3 * 3
+        assert proxy.count("GET") == 0
+    finally:
+        proxy.stop()
+
+
+def test_a_registry_that_answers_unusually_is_left_to_the_full_path(tmp_path, registry, layout,
+                                                                     make_client, proxy):
+    """A 503 in the middle of the round: that registry's tags not yet asked go on the full
+    path (its retries, its backoff), and every image still resolves."""
+    repo = unique("busy")
+    tags = [f"t{i}" for i in range(12)]
+    for tag in tags:
+        push_simple(registry, layout, repo, tag)
+    recipes = make_recipe(tmp_path, proxy.host, [f"{repo}:{t}" for t in tags])
+    state = State(tmp_path / "cache")
+    Refresher(make_client(), state, 1).run(recipes, AMD64)
+    proxy.clear()
+    proxy.add(f"/manifests/{tags[3]}$", "status", status=503, method="HEAD", times=1)
+    outcomes, _ = Refresher(make_client(), state, 1).run(recipes, AMD64)
+    assert not [o.error for o in outcomes if o.error] and not any(o.changed for o in outcomes)
+    forwarded = [r for r in proxy.received if r[0] == "HEAD"]     # the 503 is the proxy's
+    lean = ["Accept-Encoding" not in r[2] for r in forwarded]      # requests sends it
+    assert lean == [True] * 3 + [False] * (len(tags) - 3), \
+        "the round asked the first tags; after the 503 only the full path asked"
+    assert proxy.count("HEAD") == len(tags) + 1, "the 503'd tag was asked again, once"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import queue
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -172,20 +173,33 @@ class Refresher:
             return [], f"{item.ref}: no tag matches {item.ref.tag!r}"
         return matched, None
 
-    def head(self, wanted: Wanted) -> Outcome | Head:
-        """What the tag points at now (one HEAD), and the image's outcome when the state is
-        already read; else the answer, kept for later. The HEAD needs nothing of the state,
-        so the threads start at once; the run's main thread reads the state meanwhile (ten
-        thousand images: 0.14 s, which every thread used to wait for at its first image)."""
+    def head(self, wanted: Wanted, asked: int | None = None) -> Outcome | Head:
+        """What the tag points at now (one HEAD; ``asked``: what a round's lean HEAD had, as
+        ``head_manifest`` takes it), and the image's outcome when the state is already read;
+        else the answer, kept for later."""
         try:
             if wanted.ref.digest:
                 got = Head(wanted.ref.digest)
             else:
                 with self._limit(wanted.ref.api_host):
-                    got = Head(self.client.head_manifest(wanted.ref, wanted.ref.tag))
+                    got = Head(self.client.head_manifest(wanted.ref, wanted.ref.tag,
+                                                             asked))
         except UnpackedError as exc:
             got = Head(None, exc)
         return self.resolve_one(wanted, got) if self.state.read_whole else got
+
+    def settle(self, wanted: Wanted, head: Head) -> Outcome | Head:
+        """The outcome when it needs no request (the state is read and the tag has not
+        moved), else the answer, kept for later."""
+        if self.state.read_whole and _unmoved(wanted, head, self.state.resolved(wanted.name)):
+            return self.resolve_one(wanted, head)
+        return head
+
+    def heads(self, firsts: list[Wanted], threads: int,
+              meanwhile: Callable[[], object]) -> list[Outcome | Head]:
+        """Each image's HEAD (or its outcome, as ``head``): see ``HeadPass``."""
+        return HeadPass(self, firsts, threads).run(meanwhile)
+
 
     def resolve_one(self, wanted: Wanted, head: Head | None = None) -> Outcome:
         """The image's outcome: from the state when ``head`` (its HEAD's answer, if made)
@@ -194,10 +208,13 @@ class Refresher:
         try:
             if head is not None and head.error is not None:
                 raise head.error
-            with self._limit(wanted.ref.api_host):
-                resolved = self.client.resolve(wanted.ref, wanted.platforms, known,
-                                               head.top if head is not None else None,
-                                               headed=head is not None)
+            if head is not None and _unmoved(wanted, head, known):
+                resolved = known        # nothing to ask (and no share of the registry taken)
+            else:
+                with self._limit(wanted.ref.api_host):
+                    resolved = self.client.resolve(wanted.ref, wanted.platforms, known,
+                                                   head.top if head is not None else None,
+                                                   headed=head is not None)
         except UnpackedError as exc:
             gone = isinstance(exc, NotFound) and exc.status == 404
             reason = sanitize(exc, 500)
@@ -238,10 +255,167 @@ class Refresher:
             wanted.extend(Wanted(recipe, item, ref, platforms) for ref in _expanded(item, tags))
         wanted = merge_platforms(wanted)
         firsts = list({w.name: w for w in reversed(wanted)}.values())[::-1]
-        got = run_parallel(self.head, firsts, threads, meanwhile)
-        later = [(w, h) for w, h in zip(firsts, got, strict=True) if isinstance(h, Head)]
+        got = self.heads(firsts, threads, meanwhile)
         done = {o.wanted.name: o for o in got if isinstance(o, Outcome)}
+        later = []
+        for w, h in zip(firsts, got, strict=True):
+            if not isinstance(h, Head):
+                continue
+            if _unmoved(w, h, self.state.resolved(w.name)):
+                done[w.name] = self.resolve_one(w, h)   # no request: not worth a thread
+            else:
+                later.append((w, h))
         done.update((o.wanted.name, o) for o in run_parallel(
             lambda pair: self.resolve_one(*pair), later, threads))
         return [Outcome(w, done[w.name].resolved, done[w.name].error, done[w.name].changed)
                 for w in wanted], problems
+
+
+class HeadPass:
+    """The HEADs of a resolve: in one round on the lean path (one thread, ``per_registry``
+    connections to each registry: ``rounds.HeadRound``), and on the full path, by threads,
+    for what the round could not settle, meanwhile."""
+
+    def __init__(self, refresher: Refresher, firsts: list[Wanted], threads: int):
+        self.refresher, self.firsts, self.threads = refresher, firsts, threads
+        self.results: list[Outcome | Head | None] = [None] * len(firsts)
+        # (index, the round's status (0: none), the scope to release after) or None: the end
+        self.full: queue.SimpleQueue = queue.SimpleQueue()
+        self.order = Order(firsts, refresher._limit)
+        self.stop = threading.Event()
+        lean = refresher.client.lean
+        for i, w in enumerate(firsts):
+            if w.ref.digest:
+                self.results[i] = Head(w.ref.digest)
+            elif lean:
+                self.order.add(i)
+            else:
+                self.full.put((i, None, None))
+
+    def run(self, meanwhile: Callable[[], object]) -> list[Outcome | Head]:
+        try:
+            run_parallel(lambda job: job(), [self.lean] + [self.on_full] * self.threads,
+                         self.threads + 1, meanwhile)
+        finally:
+            self.stop.set()
+            self._end_full()
+        return self.results
+
+    def lean(self) -> None:
+        try:
+            if self.order.bases:
+                self.refresher.client.head_round(
+                    self.order.bases, self.order.take, self.answered, self.order.more,
+                    self.stop, self.refresher.per_registry)
+        finally:
+            self._end_full()
+
+    def _end_full(self) -> None:
+        for _ in range(self.threads):
+            self.full.put(None)
+
+    def answered(self, i: int, status: int | None, digest: str | None) -> None:
+        """The round's answer for ``i`` (in the round's thread)."""
+        self.order.answered(i)
+        w = self.firsts[i]
+        if status == 200 and digest:
+            self.results[i] = self.refresher.settle(w, Head(digest))
+        elif status == 401:         # its token is fetched on the full path; its kin wait
+            self.full.put((i, 401, self.order.hold(i)))
+        else:
+            self.full.put((i, status or 0, None))
+            if status != 404:       # anything else unusual: the full path, with its retries
+                for j in self.order.drop(w.ref.base_url):
+                    self.full.put((j, 0, None))
+
+    def on_full(self) -> None:
+        while (item := self.full.get()) is not None:
+            i, status, scope = item
+            try:
+                self.results[i] = self.refresher.head(self.firsts[i], status)
+            finally:
+                if scope is not None:
+                    self.order.release(scope)
+
+
+def _unmoved(wanted: Wanted, head: Head, known: Resolved | None) -> bool:
+    """The tag points where it pointed, for the same platforms: nothing to ask."""
+    return head.error is None and head.top is not None and known is not None \
+        and known.top_digest == head.top and known.wanted == wanted.platforms
+
+
+class Order:
+    """Which tag the round asks next of each registry, in recipe order, at most as many at
+    once as the registry's limit lets (shared with the full path). The tags of a repository
+    whose token the full path is fetching (it answered 401) wait for it, then go on the lean
+    path with the token; a registry that answered anything else unusual is left to the full
+    path. Shared by the round's thread and the full path's."""
+
+    def __init__(self, firsts: list[Wanted], limit: Callable[[str], threading.Semaphore]):
+        self.firsts, self.limit = firsts, limit
+        self.queues: dict[str, deque[int]] = {}
+        self.held: dict[tuple[str, str], list[int]] = {}
+        self.asked: dict[int, threading.Semaphore] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def bases(self) -> list[str]:
+        return list(self.queues)
+
+    def _scope(self, i: int) -> tuple[str, str]:
+        ref = self.firsts[i].ref
+        return ref.base_url, ref.repository
+
+    def add(self, i: int) -> None:
+        self.queues.setdefault(self.firsts[i].ref.base_url, deque()).append(i)
+
+    def take(self, base: str) -> tuple[int, ImageRef] | None:
+        with self.lock:
+            queue = self.queues.get(base)
+            while queue:
+                i = queue[0]
+                held = self.held.get(self._scope(i))
+                if held is not None:
+                    held.append(queue.popleft())
+                    continue
+                limit = self.limit(self.firsts[i].ref.api_host)
+                if not limit.acquire(blocking=False):
+                    return None             # the full path has the registry's share now
+                self.asked[queue.popleft()] = limit
+                return i, self.firsts[i].ref
+            return None
+
+    def answered(self, i: int) -> None:
+        with self.lock:
+            limit = self.asked.pop(i, None)
+        if limit is not None:
+            limit.release()
+
+    def hold(self, i: int) -> tuple[str, str] | None:
+        """Hold back the repository of ``i`` (its answer was 401); the scope to release once
+        the full path asked ``i``, or None when another tag of it holds it already."""
+        scope = self._scope(i)
+        with self.lock:
+            if scope in self.held:
+                return None
+            self.held[scope] = []
+            return scope
+
+    def release(self, scope: tuple[str, str]) -> None:
+        with self.lock:
+            waiting = self.held.pop(scope, [])
+            self.queues.setdefault(scope[0], deque()).extendleft(reversed(waiting))
+
+    def drop(self, base: str) -> list[int]:
+        """Every tag of ``base`` not yet asked, held ones too: for the full path."""
+        with self.lock:
+            out = list(self.queues.pop(base, ()))
+            for scope in [s for s in self.held if s[0] == base]:
+                out += self.held[scope]
+                self.held[scope] = []
+            return out
+
+    def more(self) -> bool:
+        """Tags that will come: waiting for a share of their registry, or held back."""
+        with self.lock:
+            return bool(self.held) or any(self.queues.values())

@@ -12,7 +12,9 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -34,7 +36,7 @@ from ..reference import ImageRef
 from . import documents as docs
 from . import platform as platforms
 from .auth import Lookup, RegistryAuth, TokenStore, find_credential
-from .heads import Heads
+from .heads import Headers, Heads
 from .resolved import Layer, PlatformImage, Resolved
 from .retry import (
     RetryAdapter,
@@ -43,6 +45,7 @@ from .retry import (
     retry_after,
     retryable_status,
 )
+from .rounds import HeadRound
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +143,7 @@ class RegistryClient:
         error messages."""
         if self._heads is None:
             return None, None
-        headers = {"Accept": docs.ACCEPT}
-        auth = self.auth.known_header(url, "HEAD")
-        if auth:
-            headers["Authorization"] = auth
-        answer = self._heads.head(url, headers)
+        answer = self._heads.head(url, self._lean_headers(url))
         if answer is None:
             return None, None
         status, got = answer
@@ -154,8 +153,44 @@ class RegistryClient:
             delay = self.policy.backoff(1) if delay is None else delay
             if delay <= min(self.policy.seconds, 60.0):
                 time.sleep(delay)
-        digest = got.get("Docker-Content-Digest")
-        return status, digest if docs.is_digest(digest) else None
+        return status, _digest_of(got)
+
+    def _lean_headers(self, url: str) -> dict[str, str]:
+        headers = {"Accept": docs.ACCEPT}
+        auth = self.auth.known_header(url, "HEAD")
+        if auth:
+            headers["Authorization"] = auth
+        return headers
+
+    @property
+    def lean(self) -> bool:
+        """HEADs may take the lean path (not through a proxy: requests handles those)."""
+        return self._heads is not None
+
+    def head_round(self, bases: list[str], take: Callable[[str], tuple[object, ImageRef] | None],
+                   done: Callable[[object, int | None, str | None], None],
+                   more: Callable[[], bool], stop: threading.Event, per_host: int) -> None:
+        """The HEADs of many tags on the lean path, from this thread (``rounds.HeadRound``):
+        ``take(base)`` names the next tag to ask of the registry at ``base`` (an
+        ``ImageRef.base_url``), or None; ``done(key, status, digest)`` hears each answer
+        (status None: none to use): ``head_manifest(asked=status or 0)`` takes it further."""
+        def request(base: str) -> tuple[object, str, dict[str, str]] | None:
+            item = take(base)
+            if item is None:
+                return None
+            key, ref = item
+            self.auth.trust(ref.api_host)
+            url = f"{ref.base_url}/v2/{ref.repository}/manifests/{ref.tag}"
+            return key, url, self._lean_headers(url)
+
+        def answered(key: object, answer: tuple[int, Headers] | None) -> None:
+            if answer is None:
+                done(key, None, None)
+            else:
+                done(key, answer[0], _digest_of(answer[1]))
+        if self._heads is None:
+            raise RuntimeError("no lean path: HEADs go through requests (a proxy is set)")
+        HeadRound(self._heads, per_host).run(bases, request, answered, more, stop)
 
     def request(self, method: str, ref: ImageRef, path: str, what: str, *,  # noqa: PLR0913 - requests' keywords
                 # requests' own keyword options, passed through as requests names them
@@ -230,12 +265,15 @@ class RegistryClient:
 
     # -- manifests ----------------------------------------------------------------------------
 
-    def head_manifest(self, ref: ImageRef, reference: str) -> str | None:
-        """The digest a tag points at (one HEAD, not counted as a pull), or None if unsaid."""
+    def head_manifest(self, ref: ImageRef, reference: str,
+                      asked: int | None = None) -> str | None:
+        """The digest a tag points at (one HEAD, not counted as a pull), or None if unsaid.
+        ``asked``: the status a round's lean HEAD had (0: none usable, or not asked there);
+        None: the lean path is tried first here."""
         what = f"manifest {ref.registry}/{ref.repository}:{reference}"
         self.auth.trust(ref.api_host)
-        status, digest = self._fast_head(f"{ref.base_url}/v2/{ref.repository}/manifests/"
-                                         f"{reference}")
+        status, digest = (asked, None) if asked is not None else self._fast_head(
+            f"{ref.base_url}/v2/{ref.repository}/manifests/{reference}")
         if status == 200 and digest:
             return digest
         if status == 404:
@@ -580,3 +618,9 @@ class BlobStream(io.RawIOBase):
         if self._resp is not None:
             self._resp.close()
         super().close()
+
+
+def _digest_of(headers: Headers) -> str | None:
+    """The digest an answer names, when it is one."""
+    digest = headers.get("Docker-Content-Digest")
+    return digest if docs.is_digest(digest) else None
