@@ -172,3 +172,178 @@ def test_https_is_verified_against_the_ca_bundle(tls_registry):
     assert run_round(f"https://localhost:{port}", ["/v2/a/manifests/v1"], ca=cert) == \
         {0: None}, "nor one for another name"
     assert run_round(base, ["/v2/a/manifests/v1"], ca="/nonexistent/ca.pem") == {0: None}
+
+
+# -- a registry at the socket level: answers, resets, stray bytes --------------------------------
+
+OK = f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {DIGEST}\r\nContent-Length: 0\r\n\r\n".encode()
+STRAY = OK.replace(b"a" * 64, b"e" * 64)
+
+
+class Raw:
+    """A TCP server that runs ``handler(connection)`` for each connection it accepts."""
+
+    def __init__(self, handler):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.handler = handler
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            conn, _ = self.sock.accept()
+            self.accepted += 1
+            threading.Thread(target=self.handler, args=(conn,), daemon=True).start()
+
+
+def read_request(conn) -> bool:
+    """A request read whole (False: the connection ended, or was ended here)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            return False
+        if not data:
+            return False
+        buf += data
+    return True
+
+
+def reset(conn) -> None:
+    """Close with a TCP reset, as a load balancer dropping an idle connection does."""
+    import socket
+    import struct
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def round_with(port: int, count: int, take_hook=lambda n: None, done=None, host="127.0.0.1"):
+    base = f"http://{host}:{port}"
+    items = [(i, f"{base}/v2/a/manifests/{i}", {}) for i in range(count)]
+    got: dict = {}
+    calls = [0]
+
+    def take(b):
+        calls[0] += 1
+        take_hook(calls[0])
+        return items.pop(0) if items else None
+    HeadRound(Heads(SYSTEM_CA, (3, 3), 3, "test"), 1).run(
+        [base], take, done or got.__setitem__, lambda: False, threading.Event())
+    return got
+
+
+def test_an_idle_connection_reset_before_its_next_head_is_replaced_not_raised():
+    """The registry resets the idle connection while the round is busy elsewhere: its next
+    HEAD is asked on a fresh connection (the reset is never raised out of the round)."""
+    gone = threading.Event()
+
+    def handler(conn):
+        if read_request(conn):
+            conn.sendall(OK)
+            gone.wait(5)
+            reset(conn)
+        while read_request(conn):
+            conn.sendall(OK)
+    server = Raw(handler)
+
+    def hook(n):
+        if n == 2:              # the connection is idle now: the registry drops it
+            gone.set()
+            time.sleep(0.2)
+    got = round_with(server.port, 2, hook)
+    assert [digest_of(got[i]) for i in (0, 1)] == [DIGEST, DIGEST]
+    assert server.accepted == 2
+
+
+def test_a_connection_reset_at_the_next_head_is_asked_again_once():
+    def handler(conn):
+        if read_request(conn):
+            conn.sendall(OK)
+        if read_request(conn):
+            reset(conn)         # the second HEAD on a connection: reset, no answer
+    server = Raw(handler)
+    got = round_with(server.port, 3)
+    assert [digest_of(got[i]) for i in range(3)] == [DIGEST] * 3
+
+
+def test_bytes_sent_on_an_idle_connection_are_never_the_next_answer():
+    """A registry that sends an answer nobody asked for while the connection is idle: the
+    next HEAD does not take it for its own (its connection is dropped, a fresh one asked)."""
+    stray, first = threading.Event(), [True]
+
+    def handler(conn):
+        if read_request(conn):
+            conn.sendall(OK)
+            if first and first.pop() and stray.wait(0.5):    # the first connection only
+                conn.sendall(STRAY)
+        while read_request(conn):
+            conn.sendall(OK)
+    server = Raw(handler)
+
+    def hook(n):
+        if n == 2:
+            stray.set()
+            time.sleep(0.2)
+    got = round_with(server.port, 2, hook)
+    assert [digest_of(got[i]) for i in (0, 1)] == [DIGEST, DIGEST]
+
+
+def test_each_address_of_a_registry_is_tried_in_turn(monkeypatch):
+    import socket
+    server = Raw(lambda conn: [conn.sendall(OK) for _ in iter(lambda: read_request(conn),
+                                                               False)])
+    real = socket.getaddrinfo
+
+    def two(host, port, *args, **kw):     # a dead address first, as a route-less AAAA
+        if host == "registry.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 1)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    got = round_with(server.port, 3, host="registry.test")
+    assert [digest_of(got[i]) for i in range(3)] == [DIGEST] * 3
+
+
+def test_a_registry_slow_to_look_up_holds_up_no_other(monkeypatch):
+    import socket
+    server = Raw(lambda conn: [conn.sendall(OK) for _ in iter(lambda: read_request(conn),
+                                                               False)])
+    real = socket.getaddrinfo
+
+    def slow(host, port, *args, **kw):
+        if host == "slow.test":
+            time.sleep(2)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, port, *args, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    fast, late = f"http://127.0.0.1:{server.port}", "http://slow.test"
+    items = {fast: [(i, f"{fast}/v2/a/manifests/{i}", {}) for i in range(20)],
+             late: [("late", f"{late}/v2/a/manifests/v1", {})]}
+    when: dict = {}
+    start = time.monotonic()
+
+    def done(key, answer):
+        when[key] = (time.monotonic() - start, answer)
+    HeadRound(Heads(SYSTEM_CA, (3, 3), 3, "test"), 2).run(
+        [late, fast], lambda b: items[b].pop(0) if items[b] else None, done, lambda: False,
+        threading.Event())
+    assert max(when[i][0] for i in range(20)) < 1.5, "the other registry went on meanwhile"
+    assert when["late"][1] is None
+
+
+def test_an_error_of_the_caller_is_its_own_not_a_connection_failure():
+    server = Raw(lambda conn: [conn.sendall(OK) for _ in iter(lambda: read_request(conn),
+                                                               False)])
+    calls = []
+
+    def done(key, answer):
+        calls.append((key, answer is not None))
+        raise OSError("the caller's own failure")
+    with pytest.raises(OSError, match="the caller's own failure"):
+        round_with(server.port, 2, done=done)
+    assert calls == [(0, True)], "raised out, once; not taken for the connection's failure"

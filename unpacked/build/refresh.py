@@ -329,7 +329,7 @@ class HeadPass:
                     self.full.put((j, 0, None))
 
     def on_full(self) -> None:
-        while (item := self.full.get()) is not None:
+        while (item := self.full.get()) is not None and not self.stop.is_set():
             i, status, scope = item
             try:
                 self.results[i] = self.refresher.head(self.firsts[i], status)

@@ -32,18 +32,23 @@ Done = Callable[[object, tuple[int, Headers] | None], None]
 
 CONNECTING, HANDSHAKE, SENDING, READING, IDLE = range(5)
 WAIT = 0.05         # seconds between looks for HEADs the caller let go meanwhile
+STALE = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+class Closed(Unusable):
+    """The registry closed the connection before a byte of the answer."""
 
 
 class _Link:
     """One connection of the round: where it stands and the HEAD it carries."""
 
-    __slots__ = ("base", "sock", "state", "key", "request", "out", "buf", "due", "started",
-                 "reused", "host", "events")
+    __slots__ = ("base", "host", "sock", "state", "events", "key", "request", "out", "buf",
+                 "due", "started", "reused", "address")
 
     def __init__(self, base: str, host: str):
         self.base, self.host = base, host
         self.sock: socket.socket | None = None
-        self.state, self.events = CONNECTING, 0
+        self.state, self.events, self.address = CONNECTING, 0, 0
         self.key: object = None
         self.request = self.out = b""
         self.buf = bytearray()
@@ -60,7 +65,8 @@ class HeadRound:
         self.links: dict[str, list[_Link]] = {}
         self.retried: set[object] = set()       # keys asked again after a stale connection
         self.again: dict[str, list[tuple[object, bytes]]] = {}
-        self.addresses: dict[str, tuple] = {}   # each registry's name looked up once
+        self.addresses: dict[str, list[tuple]] = {}     # set by the look-up threads
+        self.looked_up = 0.0
 
     def run(self, bases: list[str], take: Take, done: Done, more: Callable[[], bool],
             stop: threading.Event) -> None:
@@ -68,11 +74,14 @@ class HeadRound:
         says nothing will come (or ``stop`` is set)."""
         self.take, self.done = take, done
         try:
+            self._look_up(bases)
             while not stop.is_set():
+                waiting = [base for base in bases if not self._ready(base)]
                 for base in bases:
-                    self._feed(base)
+                    if base not in waiting:
+                        self._feed(base)
                 busy = [x for links in self.links.values() for x in links if x.state != IDLE]
-                if not busy and not more():
+                if not busy and not waiting and not more():
                     return
                 now = time.monotonic()
                 wait = min(min(x.due for x in busy) - now, 1.0) if busy else WAIT
@@ -81,12 +90,37 @@ class HeadRound:
                 now = time.monotonic()
                 for link in busy:
                     if link.sock is not None and link.due < now and link.state != IDLE:
-                        self._fail(link, Unusable("no answer in time"))
+                        self._failed(link, Unusable("no answer in time"))
         finally:
             for links in self.links.values():
-                for link in links:
+                for link in list(links):
                     self._close(link)
             self.selector.close()
+
+    def _look_up(self, bases: list[str]) -> None:
+        """Look up the addresses of every registry at once, each in a thread: a registry
+        whose name takes long to look up holds up no other (``_feed`` starts each registry
+        once its addresses are there; none when not found within the connect timeout)."""
+        def look_up(base: str) -> None:
+            try:
+                parts = urlsplit(base)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                found = socket.getaddrinfo(parts.hostname or "", port, type=socket.SOCK_STREAM)
+            except (OSError, ValueError, UnicodeError):
+                found = []
+            self.addresses.setdefault(base, found)
+        self.looked_up = time.monotonic() + self.heads.connect_timeout
+        for base in bases:
+            threading.Thread(target=look_up, args=(base,), daemon=True).start()
+
+    def _ready(self, base: str) -> bool:
+        """The registry's addresses are known (or its time to be looked up is over)."""
+        if base in self.addresses:
+            return True
+        if time.monotonic() < self.looked_up:
+            return False
+        self.addresses.setdefault(base, [])
+        return True
 
     # -- giving connections their HEADs -------------------------------------------------------
 
@@ -97,12 +131,24 @@ class HeadRound:
             request = self._next(base)
             if request is None:
                 return
-            self._send(link, *request)
+            if self._quiet(link):
+                self._carry(link, *request)
+                link.reused, link.state = True, SENDING
+                self._step(link)
+            else:
+                self._close(link)   # bytes no request asked for, or its end: not used again
+                self._new(base, request)
         while len(links) < self.per_host:
             request = self._next(base)
             if request is None:
                 return
-            self._open(base, *request)
+            self._new(base, request)
+
+    def _new(self, base: str, request: tuple[object, bytes]) -> None:
+        link = _Link(base, urlsplit(base).hostname or "")
+        self.links[base].append(link)
+        self._carry(link, *request)
+        self._dial(link, 0)
 
     def _next(self, base: str) -> tuple[object, bytes] | None:
         """The next request to ``base``, checked (a HEAD that cannot be asked strictly is
@@ -126,160 +172,155 @@ class HeadRound:
         where = self.heads.block(base, headers)
         return None if first is None or where is None else first + where[2]
 
-    def _open(self, base: str, key: object, request: bytes) -> None:
-        parts = urlsplit(base)
-        link = _Link(base, parts.hostname or "")
-        self.links[base].append(link)
-        self._carry(link, key, request)
-        link.due = link.started + self.heads.connect_timeout
-        try:
-            if base not in self.addresses:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-                self.addresses[base] = socket.getaddrinfo(link.host, port,
-                                                          type=socket.SOCK_STREAM)[0]
-            family, kind, proto, _, address = self.addresses[base]
-            link.sock = socket.socket(family, kind, proto)
-            link.sock.setblocking(False)
-            link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            code = link.sock.connect_ex(address)
-            if code not in (0, errno.EINPROGRESS):
-                raise OSError(code, errno.errorcode.get(code, "connect"))
-            self._want(link, selectors.EVENT_WRITE)
-        except (OSError, ValueError, UnicodeError) as exc:
-            self._fail(link, exc)
-
     def _carry(self, link: _Link, key: object, request: bytes) -> None:
         link.key, link.request, link.out = key, request, request
         link.buf = bytearray()
         link.started = time.monotonic()
-        link.due = min(link.started + self.heads.deadline,
-                       link.started + self.heads.read_timeout)
+        link.due = link.started + min(self.heads.deadline, self.heads.read_timeout)
 
-    def _send(self, link: _Link, key: object, request: bytes) -> None:
-        self._carry(link, key, request)
-        link.reused, link.state = True, SENDING
-        self._sending(link)
+    def _dial(self, link: _Link, address: int) -> None:
+        """Connect ``link`` to the registry's ``address``-th address (a failed one: the next,
+        as ``socket.create_connection`` does)."""
+        self._drop_socket(link)
+        link.state, link.address = CONNECTING, address
+        link.due = time.monotonic() + self.heads.connect_timeout
+        try:
+            addresses = self.addresses.get(link.base) or []
+            if address >= len(addresses):
+                raise OSError(errno.EHOSTUNREACH, "no address to connect to")
+            family, kind, proto, _, where = addresses[address]
+            link.sock = socket.socket(family, kind, proto)
+            link.sock.setblocking(False)
+            link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = link.sock.connect_ex(where)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, errno.errorcode.get(code, "connect"))
+            self._want(link, selectors.EVENT_WRITE)
+        except (OSError, ValueError) as exc:
+            self._failed(link, exc)
 
     # -- one connection's progress ------------------------------------------------------------
 
     def _step(self, link: _Link) -> None:
+        """Take ``link`` as far as it goes now; its answer, once whole, to the caller."""
+        key = link.key
         try:
-            if link.state == CONNECTING:
-                code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code:
-                    raise OSError(code, errno.errorcode.get(code, "connect"))
-                self._connected(link)
-            elif link.state == HANDSHAKE:
-                self._handshake(link)
-            elif link.state == SENDING:
-                self._sending(link)
-            elif link.state == READING:
-                self._reading(link)
-            else:
-                self._close(link)       # an idle connection spoke (stray bytes) or closed
+            answer = self._progress(link)
         except (OSError, ValueError, Unusable) as exc:   # ssl.SSLError is an OSError
-            self._fail(link, exc)
+            self._failed(link, exc)
+            return
+        if answer is not None:
+            self.done(key, answer)
 
-    def _connected(self, link: _Link) -> None:
-        if not link.base.startswith("https://"):
+    def _progress(self, link: _Link) -> tuple[int, Headers] | None:
+        if link.state == CONNECTING:
+            code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, errno.errorcode.get(code, "connect"))
+            if link.base.startswith("https://"):
+                self._drop_events(link)
+                link.sock = self.heads.context().wrap_socket(
+                    link.sock, server_hostname=link.host, do_handshake_on_connect=False)
+                link.state = HANDSHAKE
+            else:
+                link.state = SENDING
+        if link.state == HANDSHAKE:
+            try:
+                link.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return self._want(link, selectors.EVENT_READ)
+            except ssl.SSLWantWriteError:
+                return self._want(link, selectors.EVENT_WRITE)
             link.state = SENDING
-            self._sending(link)
-            return
-        self.selector.unregister(link.sock)
-        link.events = 0
-        link.sock = self.heads.context().wrap_socket(
-            link.sock, server_hostname=link.host, do_handshake_on_connect=False)
-        link.state = HANDSHAKE
-        self._handshake(link)
+        if link.state == SENDING:
+            try:
+                sent = link.sock.send(link.out)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                return self._want(link, selectors.EVENT_WRITE)
+            except ssl.SSLWantReadError:
+                return self._want(link, selectors.EVENT_READ)
+            link.out = link.out[sent:]
+            if link.out:
+                return self._want(link, selectors.EVENT_WRITE)
+            link.state = READING
+            link.due = min(link.started + self.heads.deadline,
+                           time.monotonic() + self.heads.read_timeout)
+            return self._want(link, selectors.EVENT_READ)
+        if link.state == READING:
+            return self._reading(link)
+        self._close(link)       # an idle connection spoke (stray bytes) or ended
+        return None
 
-    def _handshake(self, link: _Link) -> None:
-        try:
-            link.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(link, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._want(link, selectors.EVENT_WRITE)
-            return
-        link.state = SENDING
-        self._sending(link)
-
-    def _sending(self, link: _Link) -> None:
-        try:
-            sent = link.sock.send(link.out)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            self._want(link, selectors.EVENT_WRITE)
-            return
-        except ssl.SSLWantReadError:
-            self._want(link, selectors.EVENT_READ)
-            return
-        link.out = link.out[sent:]
-        if link.out:
-            self._want(link, selectors.EVENT_WRITE)
-            return
-        link.state = READING
-        link.due = min(link.started + self.heads.deadline,
-                       time.monotonic() + self.heads.read_timeout)
-        self._want(link, selectors.EVENT_READ)
-
-    def _reading(self, link: _Link) -> None:
+    def _reading(self, link: _Link) -> tuple[int, Headers] | None:
         head = None
         while head is None:
-            chunk = self._recv(link)
-            if chunk is None:
+            try:
+                chunk = link.sock.recv(16384)
+            except (BlockingIOError, ssl.SSLWantReadError):
                 link.due = min(link.started + self.heads.deadline,
                                time.monotonic() + self.heads.read_timeout)
-                return
+                return None
             if not chunk:
-                if not link.buf and link.reused and link.key not in self.retried:
-                    self._ask_again(link)           # an idle connection the registry closed
-                    return
-                raise Unusable("closed before the answer ended")
+                raise Closed("closed before an answer") if not link.buf else \
+                    Unusable("cut short")
             head = gather(link.buf, chunk)
         status, headers, keep = parse_head(head)
-        key = link.key
-        if keep and self._recv(link) is not None:   # bytes no request asked for, or the end
-            keep = False
+        link.key = None
         if keep:
-            link.state, link.key = IDLE, None
+            link.state = IDLE
             self._want(link, selectors.EVENT_READ)
         else:
             self._close(link)
-        self.done(key, (status, headers))
+        return status, headers
 
     @staticmethod
-    def _recv(link: _Link) -> bytes | None:
-        """What arrived (b"" at the end), None when nothing has yet."""
-        sock = link.sock
+    def _quiet(link: _Link) -> bool:
+        """Nothing has come on an idle connection since its last answer, not even its end."""
         try:
-            return sock.recv(16384)
+            link.sock.recv(1)
         except (BlockingIOError, ssl.SSLWantReadError):
-            return None
+            return True
+        except OSError:
+            return False
+        return False
 
     # -- ends ---------------------------------------------------------------------------------
 
-    def _ask_again(self, link: _Link) -> None:
-        """The HEAD goes out again on a fresh connection (once per HEAD)."""
-        self.retried.add(link.key)
-        self.again.setdefault(link.base, []).append((link.key, link.request))
-        link.key = None
-        self._close(link)
-
-    def _fail(self, link: _Link, exc: BaseException) -> None:
-        key, link.key = link.key, None
-        self._close(link)
-        if key is not None:
-            self.done(key, None)
+    def _failed(self, link: _Link, exc: BaseException) -> None:
+        """What a failure of ``link`` leads to: the registry's next address, the HEAD asked
+        again on a fresh connection (once: a connection the registry had closed while it sat
+        idle), or the HEAD handed back."""
+        if link.state == CONNECTING and link.address + 1 < len(self.addresses.get(link.base)
+                                                                or ()):
+            self._dial(link, link.address + 1)
+        elif link.reused and not link.buf and link.key is not None and \
+                link.key not in self.retried and isinstance(exc, (Closed, *STALE)):
+            self.retried.add(link.key)
+            self.again.setdefault(link.base, []).append((link.key, link.request))
+            link.key = None
+            self._close(link)
+        else:
+            key, link.key = link.key, None
+            self._close(link)
+            if key is not None:
+                self.done(key, None)
 
     def _close(self, link: _Link) -> None:
-        if link.sock is not None:
-            if link.events:
-                self.selector.unregister(link.sock)
-            link.sock.close()
-            link.sock, link.events = None, 0
+        self._drop_socket(link)
         links = self.links.get(link.base, [])
         if link in links:
             links.remove(link)
+
+    def _drop_socket(self, link: _Link) -> None:
+        if link.sock is not None:
+            self._drop_events(link)
+            link.sock.close()
+            link.sock = None
+
+    def _drop_events(self, link: _Link) -> None:
+        if link.events:
+            self.selector.unregister(link.sock)
+            link.events = 0
 
     def _want(self, link: _Link, events: int) -> None:
         if link.events == events:
