@@ -11,7 +11,10 @@ repository whose token is being fetched), and hands each answer back (``done``):
 and headers, read as strictly as ``Heads`` reads them, or None for anything else (a
 connection that failed, an answer not strictly a HEAD's, a deadline passed): the caller then
 asks that tag on the full path. Connections are opened and their TLS handshakes made without
-blocking (verified against the same CA bundle), ``per_host`` at most per registry.
+blocking (verified against the same CA bundle), ``per_host`` at most per registry, each of a
+registry's addresses in turn; names are looked up in threads (a slow one holds up no other).
+A kept connection the registry closed or reset before a byte of the next answer is replaced
+and that HEAD asked again, once; one that sent bytes nobody asked for is not used again.
 """
 
 from __future__ import annotations
