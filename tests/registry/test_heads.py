@@ -78,19 +78,22 @@ SPOILS = {
 }
 
 
+def spoiled(spoil: str, h) -> None:
+    """Write the answer ``SPOILS[spoil]`` makes of a plain one."""
+    if spoil == "cut mid-header":
+        h.wfile.write(SPOILS[spoil])
+        h.close_connection = True
+        return
+    h.wfile.write(SPOILS[spoil] + f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0"
+                  "\r\n\r\n".encode() + (b"surprise" if "after" in spoil else b""))
+
+
 @pytest.mark.parametrize("spoil", list(SPOILS))
 def test_an_answer_that_is_not_strictly_a_head_answer_is_not_taken(hostile, spoil):
     """Read strictly here: anything http.client would take in its stride (a folded line, a
     second digest, a body) or not (HTTP/2, 101 lines) sends the caller to the full path,
     and the connection is not kept."""
-    def answer(h):
-        if spoil == "cut mid-header":
-            h.wfile.write(SPOILS[spoil])
-            h.close_connection = True
-            return
-        h.wfile.write(SPOILS[spoil] + f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0"
-                      "\r\n\r\n".encode() + (b"surprise" if "after" in spoil else b""))
-    hostile.on("HEAD", "/manifests/", Answer(write=answer))
+    hostile.on("HEAD", "/manifests/", Answer(write=lambda h: spoiled(spoil, h)))
     lean = heads()
     assert lean.head(f"http://{hostile.host}/v2/a/manifests/v1", {}) is None
     assert not any(lean._idle.values()), "a connection that answered so is not kept"

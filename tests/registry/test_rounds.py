@@ -9,7 +9,7 @@ import time
 
 import pytest
 from helpers.hostile import Answer, HostileRegistry, self_signed
-from registry.test_heads import SPOILS
+from registry.test_heads import SPOILS, spoiled
 
 from unpacked.registry.heads import Heads
 from unpacked.registry.rounds import HeadRound
@@ -71,12 +71,7 @@ def test_an_answer_not_strictly_a_heads_is_handed_back_as_none(hostile, spoil):
 
     def answer(h):
         ports.append(h.client_address[1])
-        if spoil == "cut mid-header":
-            h.wfile.write(SPOILS[spoil])
-            h.close_connection = True
-            return
-        h.wfile.write(SPOILS[spoil] + f"Docker-Content-Digest: {DIGEST}\r\nContent-Length: 0"
-                      "\r\n\r\n".encode() + (b"surprise" if "after" in spoil else b""))
+        spoiled(spoil, h)
     hostile.on("HEAD", "/manifests/", Answer(write=answer))
     got = run_round(f"http://{hostile.host}", ["/v2/a/manifests/v1"] * 4, per_host=1)
     assert list(got.values()) == [None] * 4
