@@ -302,8 +302,9 @@ class RecipeSet:
         return sorted({r.cvmfs_repo for r in self.recipes})
 
 
-def read(paths: list[Path] | Path) -> RecipeSet:
-    """Read recipes from files and folders; a file with problems is listed, not loaded."""
+def read(paths: list[Path] | Path, parse=parse_recipe) -> RecipeSet:
+    """Read recipes from files and folders; a file with problems is listed, not loaded.
+    ``parse``: ``parse_recipe``, or one that keeps its results."""
     if isinstance(paths, Path):
         paths = [paths]
     recipes: list[Recipe] = []
@@ -320,7 +321,7 @@ def read(paths: list[Path] | Path) -> RecipeSet:
             broken.append(given)
         for file in files:
             try:
-                recipes.append(parse_recipe(file, _text(file)))
+                recipes.append(parse(file, _text(file)))
             except RecipeError as exc:
                 problems.extend(exc.lines)
                 broken.append(file)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..recipe import RecipeSet, read
 from ..repo.publish import Publisher, make
 from ..settings import Settings
+from .parsed import parser
 from .state import State
 
 if TYPE_CHECKING:                       # `doit list` must not pay for importing requests
@@ -63,7 +64,8 @@ class Context:
     def recipes(self) -> RecipeSet:
         """The recipes, read once per run (a broken file is listed, not fatal)."""
         if self._recipes is None:
-            self._recipes = read(self.settings.recipe_path)
+            self._recipes = read(self.settings.recipe_path,
+                                 parser(self.settings.cache_dir / "recipes", self.writable))
         return self._recipes
 
     @property
