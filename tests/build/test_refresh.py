@@ -225,3 +225,33 @@ def test_a_registry_that_answers_unusually_is_left_to_the_full_path(tmp_path, re
     assert lean == [True] * 3 + [False] * (len(tags) - 3), \
         "the round asked the first tags; after the 503 only the full path asked"
     assert proxy.count("HEAD") == len(tags) + 1, "the 503'd tag was asked again, once"
+
+
+def test_credentials_that_cannot_be_read_fail_each_image_alone(tmp_path, token_registry,
+                                                               registry, layout, make_client):
+    """A credentials file that cannot be read, and a registry that asks for a token: each of
+    its images fails with the reason, the run's other registries are not held up, and every
+    share of a registry is given back."""
+    from unpacked.registry.auth import CredentialsError
+    repos = [unique("creds") for _ in range(2)]
+    for repo in repos:
+        for tag in "ab":
+            push_simple(token_registry, layout, repo, tag)
+    free = unique("free")
+    push_simple(registry, layout, free)
+
+    def broken(host):
+        raise CredentialsError("credentials file /x/config.json: not valid JSON")
+    recipes = make_recipe(tmp_path, token_registry.host,
+                          [f"{r}:{t}" for r in repos for t in "ab"])
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text() +
+                                     f"  - 'http://{registry.host}/{free}:v1'\n")
+    recipes = recipe.load(tmp_path / "r.yaml")
+    resolver = Refresher(make_client(broken, cache=False), State(tmp_path / "cache"), 2)
+    outcomes, _ = resolver.run(recipes, AMD64)
+    by_name = {o.wanted.name: o for o in outcomes}
+    assert by_name[f"{registry.host}/{free}:v1"].error is None
+    failed = [o for o in outcomes if o.error]
+    assert len(failed) == 4 and all("not valid JSON" in o.error for o in failed)
+    assert {h: s._value for h, s in resolver._limits.items()} == \
+        {token_registry.host: 2, registry.host: 2}

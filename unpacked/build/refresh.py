@@ -299,6 +299,7 @@ class HeadPass:
         finally:
             self.stop.set()
             self._end_full()
+            self.order.release_all()
         return self.results
 
     def lean(self) -> None:
@@ -389,6 +390,14 @@ class Order:
         with self.lock:
             limit = self.asked.pop(i, None)
         if limit is not None:
+            limit.release()
+
+    def release_all(self) -> None:
+        """The registries' shares still taken by HEADs the round never answered (it was
+        stopped): given back."""
+        with self.lock:
+            limits, self.asked = list(self.asked.values()), {}
+        for limit in limits:
             limit.release()
 
     def hold(self, i: int) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ from ..errors import (
     NotFound,
     RegistryError,
     Unauthorized,
+    UnpackedError,
     Unreachable,
     Unsupported,
     sanitize,
@@ -181,7 +182,10 @@ class RegistryClient:
             key, ref = item
             self.auth.trust(ref.api_host)
             url = f"{ref.base_url}/v2/{ref.repository}/manifests/{ref.tag}"
-            return key, url, self._lean_headers(url)
+            try:
+                return key, url, self._lean_headers(url)
+            except UnpackedError:       # credentials that cannot be read: the full path says
+                return key, url, None   # so for this image alone
 
         def answered(key: object, answer: tuple[int, Headers] | None) -> None:
             if answer is None:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from .heads import Headers, Heads, Unusable, gather, parse_head, request_line
 
-Take = Callable[[str], tuple[object, str, dict[str, str]] | None]
+Take = Callable[[str], tuple[object, str, dict[str, str] | None] | None]   # None: not here
 Done = Callable[[object, tuple[int, Headers] | None], None]
 
 CONNECTING, HANDSHAKE, SENDING, READING, IDLE = range(5)
@@ -169,7 +169,9 @@ class HeadRound:
                 return key, request
             self.done(key, None)
 
-    def _request(self, base: str, url: str, headers: dict[str, str]) -> bytes | None:
+    def _request(self, base: str, url: str, headers: dict[str, str] | None) -> bytes | None:
+        if headers is None:
+            return None
         cut = url.find("/", len(base)) if url.startswith(base + "/") else -1
         first = request_line(url[cut:]) if cut == len(base) else None
         where = self.heads.block(base, headers)
