@@ -85,3 +85,51 @@ def test_a_reader_of_the_cache_uses_what_is_kept_and_writes_nothing(tmp_path, co
     read(path, cache)
     recipe.read(path, parsed.parser(cache, keep=False))
     assert len(counted) == 2, "the reader took the parse kept by the run"
+
+
+def test_a_kept_parse_is_loaded_only_from_a_folder_and_file_of_ours(tmp_path, counted):
+    """Loading a pickle runs what it says: one in a folder others may write in, a link, or
+    something that is not a regular file is never loaded (nor waited on)."""
+    import os
+    import pickle
+    path, cache = tmp_path / "r.yaml", tmp_path / "cache"
+    path.write_text(RECIPE.format(tag="v1"))
+    read(path, cache)
+    kept = next(cache.glob("*.pickle"))
+    planted = tmp_path / "planted"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(planted), "w"))
+    evil = pickle.dumps(Planted())
+    os.chmod(cache, 0o777)
+    kept.write_bytes(evil)
+    read(path, cache)
+    assert not planted.exists() and cache.stat().st_mode & 0o777 == 0o700, \
+        "not loaded from a folder anyone may write in; the folder made ours again"
+    for make in ("link", "fifo"):
+        for old in cache.glob("*.pickle"):
+            old.unlink()
+        if make == "link":
+            (tmp_path / "elsewhere").write_bytes(evil)
+            kept.symlink_to(tmp_path / "elsewhere")
+        else:
+            os.mkfifo(kept)
+        assert [i.ref.tag for i in read(path, cache).recipes[0].inputs] == ["v1"]
+        assert not planted.exists()
+
+
+def test_an_inspection_keeps_nothing(tmp_path, monkeypatch):
+    """`doit list` and `doit info` write nothing in cache/recipes (a bare run does)."""
+    import sys
+
+    from unpacked.build.dodo import load
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "r.yaml").write_text(RECIPE.format(tag="v1"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNPACKED_PUBLISHER", "local")
+    for argv in (["doit", "list"], ["doit", "info", "image:registry.example/a/b:v1"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        load(argv)
+        assert not (tmp_path / "cache" / "recipes").exists(), argv

@@ -34,6 +34,7 @@ class Context:
         self.settings = settings
         self.writable = writable        # False: a reader of cache/ (doit list as another user)
         self.worker = worker            # a worker process: reads the cache key by key
+        self.keep_recipes = False       # a run keeps its recipes as parsed (an inspection no)
         self._recipes = recipes
         self._pid = os.getpid()
         self._resources: dict = {}
@@ -65,7 +66,8 @@ class Context:
         """The recipes, read once per run (a broken file is listed, not fatal)."""
         if self._recipes is None:
             self._recipes = read(self.settings.recipe_path,
-                                 parser(self.settings.cache_dir / "recipes", self.writable))
+                                 parser(self.settings.cache_dir / "recipes",
+                                        self.writable and self.keep_recipes))
         return self._recipes
 
     @property

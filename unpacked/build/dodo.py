@@ -56,6 +56,7 @@ def load(argv: list[str] | None = None) -> dict:
         if not settings.cache_dir.is_dir():
             settings.cache_dir.mkdir(parents=True, exist_ok=True)
         ctx = Context(settings)
+        ctx.keep_recipes = command == "run"
         if ctx.recipes.problems and not ctx.recipes.recipes:
             raise RecipeError(ctx.recipes.problems)     # nothing at all to work from
         for line in ctx.recipes.problems if command != "run" else ():
