@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,15 @@ def self_signed(folder, name: str = "127.0.0.1") -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that dropped its connection (a reset) is no error of the test server."""
+        if not isinstance(sys.exc_info()[1], ConnectionResetError | BrokenPipeError):
+            super().handle_error(request, client_address)
+
+
 class HostileRegistry:
     """``tls``: (certificate, key) files: it speaks HTTPS."""
 
@@ -91,8 +101,7 @@ class HostileRegistry:
 
             do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         if tls:
             import ssl
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
