@@ -119,17 +119,13 @@ def test_a_kept_parse_is_loaded_only_from_a_folder_and_file_of_ours(tmp_path, co
         assert not planted.exists()
 
 
-def test_an_inspection_keeps_nothing(tmp_path, monkeypatch):
-    """`doit list` and `doit info` write nothing in cache/recipes (a bare run does)."""
-    import sys
-
-    from unpacked.build.dodo import load
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "r.yaml").write_text(RECIPE.format(tag="v1"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("UNPACKED_PUBLISHER", "local")
-    for argv in (["doit", "list"], ["doit", "info", "image:registry.example/a/b:v1"]):
-        monkeypatch.setattr(sys, "argv", argv)
-        load(argv)
-        assert not (tmp_path / "cache" / "recipes").exists(), argv
+def test_an_inspection_keeps_nothing(tmp_path):
+    """`doit list` and `doit info` write nothing in cache/recipes; a bare run keeps them."""
+    from helpers.site import Site
+    site = Site(tmp_path / "site")
+    site.recipes.mkdir(parents=True, exist_ok=True)
+    (site.recipes / "r.yaml").write_text(RECIPE.format(tag="v1"))
+    for args in (["list"], ["list", "--all", "-s"], ["info", "image:registry.example/a/b:v1"]):
+        done = site.doit(*args)
+        assert done.returncode in (0, 1), done.stderr
+        assert not (site.cache / "recipes").exists(), args
