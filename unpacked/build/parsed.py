@@ -25,7 +25,7 @@ import yaml
 from .. import recipe, reference
 from ..errors import UnpackedError
 from ..recipe import Recipe
-from ..repo.fs import write_local
+from ..repo.fs import owner_only, write_local
 
 FORMAT = b"1"
 MAX_KEPT = 256 << 20        # bytes of one kept parse (ten thousand lines: 2 MB)
@@ -88,9 +88,7 @@ def parser(folder: Path, keep: bool = True):
         parsed = recipe.parse_recipe(path, text)        # its RecipeError: never kept
         if keep:
             with contextlib.suppress(OSError, UnpackedError):   # only a cache: never fatal
-                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if os.stat(folder).st_uid == os.geteuid():
-                    os.chmod(folder, 0o700)
+                owner_only(folder)
                 if _ours(folder):
                     write_local(kept, pickle.dumps((key, parsed),
                                                    protocol=pickle.HIGHEST_PROTOCOL))

@@ -11,7 +11,6 @@ its table directly (diskcache's layout, pinned by a test to the versions pyproje
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -21,6 +20,7 @@ import diskcache
 
 from ..errors import UnpackedError
 from ..registry.resolved import Resolved
+from ..repo.fs import owner_only
 
 VERSION = 2          # of the values below; older values are ignored (resolved again)
 
@@ -89,9 +89,7 @@ def open_cache(folder: Path, writable: bool = True):
     """A diskcache in ``folder`` (owner-only), or a read-only view when it cannot be written."""
     if writable:
         try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if os.stat(folder).st_uid == os.geteuid():
-                os.chmod(folder, 0o700)
+            owner_only(folder)
             return diskcache.Cache(str(folder))
         except (OSError, sqlite3.Error) as exc:
             if not (folder / "cache.db").exists():

@@ -68,6 +68,14 @@ def write_local(path: Path | str, data: bytes | str, mode: int = 0o600,
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
+def owner_only(folder: Path) -> None:
+    """Make ``folder`` (and its parents) if missing; owner-only when it is ours (what only
+    this user may write in: pickles, the resolved state)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.stat(folder).st_uid == os.geteuid():
+        os.chmod(folder, 0o700)
+
+
 def is_temp(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
