@@ -174,16 +174,12 @@ class Refresher:
         return matched, None
 
     def head(self, wanted: Wanted, asked: int | None = None) -> Outcome | Head:
-        """What the tag points at now (one HEAD; ``asked``: what a round's lean HEAD had, as
-        ``head_manifest`` takes it), and the image's outcome when the state is already read;
-        else the answer, kept for later."""
+        """What a tag points at now (one HEAD; ``asked``: what a round's lean HEAD had, as
+        ``head_manifest`` takes it; digests are never asked), and the image's outcome when
+        the state is already read; else the answer, kept for later."""
         try:
-            if wanted.ref.digest:
-                got = Head(wanted.ref.digest)
-            else:
-                with self._limit(wanted.ref.api_host):
-                    got = Head(self.client.head_manifest(wanted.ref, wanted.ref.tag,
-                                                             asked))
+            with self._limit(wanted.ref.api_host):
+                got = Head(self.client.head_manifest(wanted.ref, wanted.ref.tag, asked))
         except UnpackedError as exc:
             got = Head(None, exc)
         return self.resolve_one(wanted, got) if self.state.read_whole else got
@@ -199,7 +195,6 @@ class Refresher:
               meanwhile: Callable[[], object]) -> list[Outcome | Head]:
         """Each image's HEAD (or its outcome, as ``head``): see ``HeadPass``."""
         return HeadPass(self, firsts, threads).run(meanwhile)
-
 
     def resolve_one(self, wanted: Wanted, head: Head | None = None) -> Outcome:
         """The image's outcome: from the state when ``head`` (its HEAD's answer, if made)
